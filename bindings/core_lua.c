@@ -1,0 +1,1039 @@
+/*
+ * core_lua.c -- the am2z.core Lua module: the only place Lua meets the core.
+ *
+ * Protocol. Every execution body is a Lua coroutine created here. A call
+ * that must wait (sleep, wait for another execution) starts one request in
+ * the core and ends with `return lua_yield(L, 0)`. The core completes the
+ * request from a timer or a settlement and posts the execution; the drain
+ * then calls host_resume, which pushes the results for that wake and
+ * resumes the coroutine. Nothing here resumes from inside a callback.
+ *
+ * Errors. Misuse (wrong types, waiting outside an engine coroutine) raises
+ * before the core owns anything. Runtime conditions return nil, CODE.
+ */
+#include "am2z_lua.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/time.h>
+
+/* Keys of our private registry entries: addresses are unique and cheap. */
+static char AM2Z_HOST_KEY;
+
+/* Per-execution host record, in the space the core allocates with each
+ * execution (exec_host_size). */
+typedef struct {
+    lua_State *co;          /* borrowed: anchored by co_ref; NULL once the body ended */
+    int        co_ref;      /* in the host's threads table; LUA_NOREF when released */
+    int        result_ref;  /* in the results table; LUA_NOREF when none */
+    int        abort_ref;   /* onAbort callbacks table in the callbacks table */
+    int        nargs;       /* arguments waiting on co's stack for the first resume */
+    int        started;
+} lexec_t;
+
+typedef struct {
+    am2z_engine_t *e;           /* owned */
+    lua_State     *L;           /* main thread: callbacks never run on a
+                                 * coroutine that may be suspended or dead */
+    lua_State     *loop_L;      /* the thread that is running the loop now */
+    lua_State     *running;     /* coroutine inside lua_resume now, or NULL */
+    am2z_exec_t   *current;     /* its execution */
+    int            threads_ref; /* registry: table of anchored coroutines */
+    int            results_ref; /* registry: table of body results */
+    int            cbs_ref;     /* registry: table of onAbort lists */
+    int            errh_ref;    /* registry: error reporter, or LUA_NOREF */
+    int            in_run;      /* nested core.run guard */
+    int            closing;     /* engine being freed: no Lua work any more */
+    am2z_exec_t   *main_exec;   /* am2z_lua_spawn_main's, with a reference */
+} lhost_t;
+
+#define HOST(L) ((lhost_t *) lua_touserdata((L), lua_upvalueindex(1)))
+
+static lexec_t *LX(am2z_exec_t *x)
+{
+    return (lexec_t *) am2z_exec_host_data(x);
+}
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static void reg_unref(lhost_t *h, lua_State *L, int table_ref, int *ref)
+{
+    if (*ref == LUA_NOREF || *ref == LUA_REFNIL) {
+        *ref = LUA_NOREF;
+        return;
+    }
+    if (!h->closing) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, table_ref);
+        luaL_unref(L, -1, *ref);
+        lua_pop(L, 1);
+    }
+    *ref = LUA_NOREF;
+}
+
+/* The thread on which Lua values may be pushed right now: the coroutine
+ * being resumed, the thread running the loop, or the main thread. */
+static lua_State *host_L(lhost_t *h)
+{
+    if (h->running)
+        return h->running;
+    if (h->loop_L)
+        return h->loop_L;
+    return h->L;
+}
+
+static int push_status(lua_State *L, int status)
+{
+    lua_pushstring(L, am2z_err_name(status));
+    return 1;
+}
+
+/* Reports an error raised by a callback the engine called (onAbort). It
+ * never escapes into the loop. */
+static void report_error(lhost_t *h, lua_State *L, const char *what)
+{
+    const char *msg = lua_tostring(L, -1);
+    if (h->errh_ref != LUA_NOREF) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->errh_ref);
+        lua_pushstring(L, what);
+        lua_pushvalue(L, -3);
+        if (lua_pcall(L, 2, 0, 0) == 0) {
+            lua_pop(L, 1);
+            return;
+        }
+        lua_pop(L, 1);
+    }
+    fprintf(stderr, "am2z: %s: %s\n", what, msg ? msg : "(non-string error)");
+    lua_pop(L, 1);
+}
+
+static int traceback_handler(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    if (msg == NULL) {
+        if (!lua_isnoneornil(L, 1) && luaL_callmeta(L, 1, "__tostring"))
+            return 1;
+        msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+/* ---- hooks -------------------------------------------------------------- */
+
+static void release_body(lhost_t *h, lexec_t *lx)
+{
+    lx->co = NULL;
+    reg_unref(h, host_L(h), h->threads_ref, &lx->co_ref);
+}
+
+/* Stores the value at the top of `from` as the execution's result. */
+static void store_result(lhost_t *h, lexec_t *lx, lua_State *from)
+{
+    lua_State *L = host_L(h);
+    if (lx->result_ref != LUA_NOREF)
+        reg_unref(h, L, h->results_ref, &lx->result_ref);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
+    if (from == L) {
+        lua_insert(L, -2);
+    } else {
+        lua_xmove(from, L, 1);
+    }
+    lx->result_ref = luaL_ref(L, -2);
+    lua_pop(L, 1);
+}
+
+static void push_result(lhost_t *h, lua_State *L, am2z_exec_t *x)
+{
+    lexec_t *lx = LX(x);
+    if (lx->result_ref == LUA_NOREF || lx->result_ref == LUA_REFNIL) {
+        lua_pushnil(L);
+        return;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
+    lua_rawgeti(L, -1, lx->result_ref);
+    lua_remove(L, -2);
+}
+
+/* Pushes what a wait returns to the Lua caller: for a settled execution
+ * `status, result`; for an interrupted wait `nil, reason`. */
+static int push_settled(lhost_t *h, lua_State *L, am2z_exec_t *t)
+{
+    push_status(L, am2z_exec_settled_status(t));
+    push_result(h, L, t);
+    return 2;
+}
+
+static int push_child(lhost_t *h, lua_State *L, am2z_exec_t *c)
+{
+    lua_pushnumber(L, (lua_Number) am2z_exec_id(c));
+    push_settled(h, L, c);
+    am2z_exec_unref(c);
+    return 3;
+}
+
+static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
+{
+    lua_checkstack(co, 4);
+    switch (w->kind) {
+    case AM2Z_WAKE_SLEEP:
+    case AM2Z_WAKE_YIELD:
+    case AM2Z_WAKE_HOST:
+        if (w->status == AM2Z_OK) {
+            lua_pushboolean(co, 1);
+            return 1;
+        }
+        lua_pushnil(co);
+        push_status(co, w->status);
+        return 2;
+    case AM2Z_WAKE_CHILD: {
+        am2z_exec_t *c = w->status == AM2Z_OK ? am2z_exec_take_child(x) : NULL;
+        if (c == NULL) {
+            lua_pushnil(co);
+            push_status(co, w->status == AM2Z_OK ? AM2Z_ECANCELED : w->status);
+            return 2;
+        }
+        return push_child(h, co, c);
+    }
+    case AM2Z_WAKE_EXEC: {
+        am2z_exec_t *t = w->target;
+        int n;
+        if (t && am2z_exec_is_settled(t)) {
+            n = push_settled(h, co, t);
+        } else {
+            lua_pushnil(co);
+            push_status(co, w->status == AM2Z_OK ? AM2Z_ECANCELED : w->status);
+            n = 2;
+        }
+        if (t)
+            am2z_exec_unref(t);
+        return n;
+    }
+    default:
+        return 0;
+    }
+}
+
+static void host_resume(void *hostp, am2z_exec_t *x)
+{
+    lhost_t *h = hostp;
+    lexec_t *lx = LX(x);
+    lua_State *co = lx->co;
+    am2z_wake_t w;
+    int nargs, st;
+
+    am2z_exec_take_wake(x, &w);
+    if (co == NULL) {                   /* body already abandoned */
+        if (w.target)
+            am2z_exec_unref(w.target);
+        am2z_exec_finish(x, AM2Z_EFAILED);
+        return;
+    }
+    if (!lx->started) {
+        lx->started = 1;
+        if (am2z_exec_aborted(x)) {
+            /* Born cancelled (its parent was aborted first): the body never
+             * runs, so it cannot start side effects nobody will wait for. */
+            release_body(h, lx);
+            am2z_exec_finish(x, AM2Z_ECANCELED);
+            return;
+        }
+        nargs = lx->nargs;
+    } else {
+        nargs = push_wake(h, co, x, &w);
+    }
+
+    lua_State *saved_running = h->running;
+    am2z_exec_t *saved_current = h->current;
+    h->running = co;
+    h->current = x;
+    st = lua_resume(co, nargs);
+    h->running = saved_running;
+    h->current = saved_current;
+
+    if (st == LUA_YIELD) {
+        int s = am2z_exec_state(x);
+        if (s == AM2Z_EXEC_SUSPENDED || s == AM2Z_EXEC_READY)
+            return;
+        /* A plain coroutine.yield from the body: nothing will ever resume
+         * it, so fail the execution rather than leave it hanging. */
+        lua_settop(co, 0);
+        lua_pushliteral(co, "coroutine.yield was called directly in an execution "
+                            "body; use ctx:sleep/ctx:call (or yield only inside "
+                            "coroutines the body created itself)");
+        store_result(h, lx, co);
+        release_body(h, lx);
+        am2z_exec_finish(x, AM2Z_EFAILED);
+        return;
+    }
+    if (st == 0) {
+        /* Bodies return (result, ok): ok == false settles as a failure. */
+        int top = lua_gettop(co);
+        int ok = top < 2 || lua_toboolean(co, 2);
+        if (top == 0)
+            lua_pushnil(co);
+        else
+            lua_settop(co, 1);
+        store_result(h, lx, co);
+        lua_settop(co, 0);
+        release_body(h, lx);
+        am2z_exec_finish(x, ok ? AM2Z_OK : AM2Z_EFAILED);
+        return;
+    }
+    /* A raise that escaped the body. The Lua library wraps user code in
+     * xpcall, so this is a bug or an out-of-memory: keep the traceback. */
+    {
+        lua_State *L = host_L(h);
+        const char *msg = lua_tostring(co, -1);
+        luaL_traceback(L, co, msg ? msg : "(non-string error)", 0);
+        store_result(h, lx, L);
+        release_body(h, lx);
+        am2z_exec_finish(x, AM2Z_EFAILED);
+    }
+}
+
+static void host_release(void *hostp, am2z_exec_t *x)
+{
+    lhost_t *h = hostp;
+    lexec_t *lx = LX(x);
+    lua_State *L = host_L(h);
+
+    if (h->closing)
+        return;
+    lx->co = NULL;
+    reg_unref(h, L, h->threads_ref, &lx->co_ref);
+    reg_unref(h, L, h->results_ref, &lx->result_ref);
+    reg_unref(h, L, h->cbs_ref, &lx->abort_ref);
+}
+
+/* Runs the execution's onAbort callbacks, once, at the moment of abort. */
+static void host_abort(void *hostp, am2z_exec_t *x, int reason)
+{
+    lhost_t *h = hostp;
+    lexec_t *lx = LX(x);
+    lua_State *L;
+    int n, i, base;
+
+    if (h->closing || lx->abort_ref == LUA_NOREF)
+        return;
+    L = host_L(h);
+    lua_checkstack(L, 8);
+    base = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->cbs_ref);
+    lua_rawgeti(L, -1, lx->abort_ref);
+    reg_unref(h, L, h->cbs_ref, &lx->abort_ref);
+    if (!lua_istable(L, -1)) {
+        lua_settop(L, base);
+        return;
+    }
+    n = (int) lua_objlen(L, -1);
+    for (i = 1; i <= n; i++) {
+        lua_pushcfunction(L, traceback_handler);
+        lua_rawgeti(L, base + 2, i);
+        lua_pushstring(L, am2z_err_name(reason));
+        if (lua_pcall(L, 1, 0, -3) != 0)
+            report_error(h, L, "onAbort callback failed");
+        lua_settop(L, base + 2);
+    }
+    lua_settop(L, base);
+}
+
+/* ---- argument checks ---------------------------------------------------- */
+
+static am2z_exec_t *check_current(lua_State *L, lhost_t *h, const char *fname)
+{
+    if (h->current == NULL || h->running == NULL) {
+        luaL_error(L, "%s: must be called inside an engine coroutine "
+                      "(a processor body, am2z.run(fn), or the main chunk run by am2z-lua)",
+                   fname);
+        return NULL;
+    }
+    if (h->running != L) {
+        luaL_error(L, "%s: called from a coroutine the engine does not run "
+                      "(a coroutine created inside the execution); "
+                      "call it from the execution's own coroutine",
+                   fname);
+        return NULL;
+    }
+    return h->current;
+}
+
+static uint64_t check_id(lua_State *L, int idx)
+{
+    lua_Number n = luaL_checknumber(L, idx);
+    if (n < 1 || n != floor(n))
+        luaL_argerror(L, idx, "expected an execution id (positive integer)");
+    return (uint64_t) n;
+}
+
+static int check_reason(lua_State *L, int idx)
+{
+    const char *s = luaL_optstring(L, idx, "ECANCELED");
+    if (strcmp(s, "ETIMEDOUT") == 0)
+        return AM2Z_ETIMEDOUT;
+    if (strcmp(s, "ECANCELED") == 0)
+        return AM2Z_ECANCELED;
+    luaL_argerror(L, idx, "expected \"ECANCELED\" or \"ETIMEDOUT\"");
+    return 0;
+}
+
+static int fail(lua_State *L, int rc)
+{
+    lua_pushnil(L);
+    push_status(L, rc);
+    lua_pushstring(L, am2z_strerror(rc));
+    return 3;
+}
+
+/* ---- Lua functions ------------------------------------------------------ */
+
+/* core.spawn(fn, mode, timeout_ms, depth, attempt, ...) -> id
+ * mode: "child" (settles into the caller's wait_child), "watch" (a child
+ * for cancellation only; wait with core.wait), "root" (no parent). */
+static int l_spawn(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    const char *mode = luaL_checkstring(L, 2);
+    lua_Number tmo = luaL_optnumber(L, 3, 0);
+    int depth = (int) luaL_optinteger(L, 4, 0);
+    int attempt = (int) luaL_optinteger(L, 5, 1);
+    int nargs = lua_gettop(L) - 5;
+    am2z_exec_t *parent = NULL, *x;
+    am2z_exec_opts_t o;
+    lua_State *co;
+    int rc;
+
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (nargs < 0)
+        nargs = 0;
+    if (tmo < 0 || tmo > 4294967295.0)
+        luaL_argerror(L, 3, "timeout must be between 0 and 2^32-1 ms");
+    if (strcmp(mode, "root") != 0) {
+        if (strcmp(mode, "child") != 0 && strcmp(mode, "watch") != 0)
+            luaL_argerror(L, 2, "expected \"child\", \"watch\" or \"root\"");
+        parent = check_current(L, h, "core.spawn");
+    }
+    memset(&o, 0, sizeof(o));
+    o.timeout_ms = (uint32_t) ceil(tmo);
+    o.depth = depth;
+    o.attempt = attempt;
+    o.notify_parent = mode[0] == 'c';
+
+    /* Build the coroutine before the core owns anything, so a Lua memory
+     * error here cannot leak a record. */
+    lua_checkstack(L, 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
+    co = lua_newthread(L);
+    lua_pushvalue(L, 1);
+    lua_xmove(L, co, 1);
+    for (int i = 0; i < nargs; i++) {
+        lua_pushvalue(L, 6 + i);
+    }
+    if (nargs > 0) {
+        lua_checkstack(co, nargs + LUA_MINSTACK);
+        lua_xmove(L, co, nargs);
+    }
+    int co_ref = luaL_ref(L, -2);           /* pops the thread */
+    lua_pop(L, 1);
+
+    rc = am2z_exec_new(h->e, parent, &o, &x);
+    if (rc != AM2Z_OK) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
+        luaL_unref(L, -1, co_ref);
+        lua_pop(L, 1);
+        return fail(L, rc);
+    }
+    lexec_t *lx = LX(x);
+    lx->co = co;
+    lx->co_ref = co_ref;
+    lx->result_ref = LUA_NOREF;
+    lx->abort_ref = LUA_NOREF;
+    lx->nargs = nargs;
+    lua_pushnumber(L, (lua_Number) am2z_exec_id(x));
+    return 1;
+}
+
+/* core.wait_child() -> id, status, result | nil, reason */
+static int l_wait_child(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = check_current(L, h, "core.wait_child");
+    int rc = am2z_exec_wait_child(x);
+    if (rc == AM2Z_READY)
+        return push_child(h, L, am2z_exec_take_child(x));
+    if (rc == AM2Z_ENOTFOUND)
+        return luaL_error(L, "core.wait_child: the execution has no child left to wait for");
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.wait(id) -> status, result | nil, reason */
+static int l_wait(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    uint64_t id = check_id(L, 1);
+    am2z_exec_t *x = check_current(L, h, "core.wait");
+    am2z_exec_t *t = am2z_exec_find(h->e, id);
+    int rc;
+
+    if (t == NULL) {
+        lua_pushnil(L);
+        push_status(L, AM2Z_ENOTFOUND);
+        return 2;
+    }
+    if (t == x)
+        return luaL_error(L, "core.wait: an execution cannot wait for itself");
+    rc = am2z_exec_wait_exec(x, t);
+    if (rc == AM2Z_READY)
+        return push_settled(h, L, t);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.sleep(ms) -> true | nil, reason */
+static int l_sleep(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lua_Number ms = luaL_checknumber(L, 1);
+    am2z_exec_t *x;
+    int rc;
+
+    if (!(ms >= 0) || isinf(ms))
+        return luaL_argerror(L, 1, "expected a finite number of milliseconds >= 0");
+    x = check_current(L, h, "sleep");
+    rc = am2z_exec_sleep(x, ms);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.yield() -> true | nil, reason: lets the rest of the loop run. */
+static int l_yield(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = check_current(L, h, "core.yield");
+    int rc = am2z_exec_yield(x);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.cancel(id, reason?) -> true | false (unknown or already finished) */
+static int l_cancel(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    uint64_t id = check_id(L, 1);
+    int reason = check_reason(L, 2);
+    am2z_exec_t *x = am2z_exec_find(h->e, id);
+    if (x == NULL || am2z_exec_state(x) == AM2Z_EXEC_DONE || am2z_exec_aborted(x)) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    am2z_exec_cancel(x, reason);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.aborted(id?) -> reason | nil (current execution when id is nil) */
+static int l_aborted(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x;
+    if (lua_isnoneornil(L, 1))
+        x = h->current;
+    else
+        x = am2z_exec_find(h->e, check_id(L, 1));
+    if (x == NULL || am2z_exec_aborted(x) == 0) {
+        lua_pushnil(L);
+        return 1;
+    }
+    return push_status(L, am2z_exec_aborted(x));
+}
+
+/* core.on_abort(id, fn): fn(reason) runs once when the execution is
+ * aborted; at once if it already was. */
+static int l_on_abort(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = am2z_exec_find(h->e, check_id(L, 1));
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    if (x == NULL || am2z_exec_state(x) == AM2Z_EXEC_DONE) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    if (am2z_exec_aborted(x)) {
+        lua_pushvalue(L, 2);
+        push_status(L, am2z_exec_aborted(x));
+        lua_call(L, 1, 0);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lexec_t *lx = LX(x);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->cbs_ref);
+    if (lx->abort_ref == LUA_NOREF) {
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lx->abort_ref = luaL_ref(L, -3);
+    } else {
+        lua_rawgeti(L, -1, lx->abort_ref);
+    }
+    lua_pushvalue(L, 2);
+    lua_rawseti(L, -2, (int) lua_objlen(L, -2) + 1);
+    lua_pop(L, 2);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* core.current() -> id, depth, attempt | nil */
+static int l_current(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    if (h->current == NULL || h->running != L) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_pushnumber(L, (lua_Number) am2z_exec_id(h->current));
+    lua_pushinteger(L, am2z_exec_depth(h->current));
+    lua_pushinteger(L, am2z_exec_attempt(h->current));
+    return 3;
+}
+
+/* core.status(id) -> "running"|"OK"|"EFAILED"|... | nil when gone */
+static int l_status(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = am2z_exec_find(h->e, check_id(L, 1));
+    if (x == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (!am2z_exec_is_settled(x)) {
+        lua_pushliteral(L, "running");
+        return 1;
+    }
+    return push_status(L, am2z_exec_settled_status(x));
+}
+
+/* Runs the loop until root `x` settles. Returns 0, or -1 when nothing is
+ * left that could ever settle it. */
+static int run_until_settled(lhost_t *h, lua_State *L, am2z_exec_t *x)
+{
+    lua_State *saved = h->loop_L;
+    int rc = 0;
+    h->loop_L = L;
+    h->in_run++;
+    while (!am2z_exec_is_settled(x)) {
+        int alive = uv_run(am2z_engine_loop(h->e), UV_RUN_ONCE);
+        if (!alive && !am2z_exec_is_settled(x)) {
+            am2z_stats_t s;
+            am2z_engine_stats(h->e, &s);
+            if (s.ready == 0 && s.timers == 0) {
+                rc = -1;
+                break;
+            }
+        }
+    }
+    h->in_run--;
+    h->loop_L = saved;
+    return rc;
+}
+
+/* core.run(fn, timeout_ms?) -> status, result
+ * Runs fn as a root execution and drives the loop until it settles. */
+static int l_run(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lua_Number tmo = luaL_optnumber(L, 2, 0);
+    am2z_exec_t *x;
+    uint64_t id;
+
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    if (h->running)
+        return luaL_error(L, "am2z.run: already inside an engine coroutine; "
+                             "call the function directly instead of nesting am2z.run");
+    if (h->in_run)
+        return luaL_error(L, "am2z.run: the loop is already running "
+                             "(am2z.run called from a callback)");
+    lua_settop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(2));   /* the spawn closure */
+    lua_pushvalue(L, 1);
+    lua_pushliteral(L, "root");
+    lua_pushnumber(L, tmo);
+    lua_call(L, 3, 3);
+    if (lua_isnil(L, -3))
+        return luaL_error(L, "am2z.run: could not start: %s", lua_tostring(L, -1));
+    id = (uint64_t) lua_tonumber(L, -3);
+    lua_settop(L, 0);
+    x = am2z_exec_find(h->e, id);
+    am2z_exec_ref(x);
+    if (run_until_settled(h, L, x) != 0) {
+        am2z_exec_cancel(x, AM2Z_ECANCELED);
+        am2z_exec_unref(x);
+        return luaL_error(L, "am2z.run: the function is waiting for something that can "
+                             "never happen (nothing is left pending on the loop)");
+    }
+    push_settled(h, L, x);
+    am2z_exec_unref(x);
+    return 2;
+}
+
+/* core.run_loop(mode) -> alive: "default" | "once" | "nowait" */
+static int l_run_loop(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    static const char *const modes[] = { "default", "once", "nowait", NULL };
+    static const uv_run_mode um[] = { UV_RUN_DEFAULT, UV_RUN_ONCE, UV_RUN_NOWAIT };
+    int m = luaL_checkoption(L, 1, "default", modes);
+    if (h->running || h->in_run)
+        return luaL_error(L, "core.run_loop: the loop is already running");
+    lua_State *saved = h->loop_L;
+    h->loop_L = L;
+    h->in_run++;
+    int alive = uv_run(am2z_engine_loop(h->e), um[m]);
+    h->in_run--;
+    h->loop_L = saved;
+    lua_pushboolean(L, alive);
+    return 1;
+}
+
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, am2z_now_ms());
+    return 1;
+}
+
+/* ISO-8601 UTC with milliseconds; the formatted seconds are cached since a
+ * runtime stamps every step and strftime dominates otherwise. */
+static int l_iso_now(lua_State *L)
+{
+    static time_t cached_sec = -1;
+    static char   cached[32];
+    struct timeval tv;
+    char buf[40];
+
+    gettimeofday(&tv, NULL);
+    if (tv.tv_sec != cached_sec) {
+        struct tm tm;
+        gmtime_r(&tv.tv_sec, &tm);
+        strftime(cached, sizeof(cached), "%Y-%m-%dT%H:%M:%S", &tm);
+        cached_sec = tv.tv_sec;
+    }
+    int n = snprintf(buf, sizeof(buf), "%s.%03dZ", cached, (int) (tv.tv_usec / 1000));
+    lua_pushlstring(L, buf, (size_t) n);
+    return 1;
+}
+
+static int l_wall_ms(lua_State *L)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    lua_pushnumber(L, (lua_Number) tv.tv_sec * 1000.0 + (lua_Number) (tv.tv_usec / 1000));
+    return 1;
+}
+
+/* core.retry_delay(maxAttempts, backoffMs, multiplier, maxBackoffMs, jitter,
+ *                  failedAttempt, random) -> delay ms | nil when exhausted */
+static int l_retry_delay(lua_State *L)
+{
+    am2z_retry_policy_t p;
+    const char *why;
+    p.max_attempts = (int) luaL_checkinteger(L, 1);
+    p.backoff_ms = luaL_checknumber(L, 2);
+    p.multiplier = luaL_checknumber(L, 3);
+    p.max_backoff_ms = luaL_optnumber(L, 4, 0);
+    p.jitter = lua_toboolean(L, 5);
+    int failed = (int) luaL_checkinteger(L, 6);
+    double rnd = luaL_optnumber(L, 7, 0);
+    if (am2z_retry_policy_check(&p, &why) != AM2Z_OK)
+        return luaL_error(L, "retry policy: %s", why);
+    double d = am2z_retry_delay(&p, failed, rnd);
+    if (d < 0)
+        lua_pushnil(L);
+    else
+        lua_pushnumber(L, d);
+    return 1;
+}
+
+static int l_stats(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_stats_t s;
+    am2z_engine_stats(h->e, &s);
+    lua_createtable(L, 0, 9);
+#define F(name) lua_pushnumber(L, (lua_Number) s.name); lua_setfield(L, -2, #name);
+    F(live) F(running) F(started) F(succeeded) F(failed) F(timed_out)
+    F(cancelled) F(timers) F(ready)
+#undef F
+    return 1;
+}
+
+static int l_debug_counts(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_stats_t s;
+    int n;
+    am2z_engine_stats(h->e, &s);
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, (lua_Number) s.live);
+    lua_setfield(L, -2, "execs");
+    lua_pushnumber(L, (lua_Number) s.timers);
+    lua_setfield(L, -2, "timers");
+    /* Anchored coroutines and stored results, counted the slow way: this
+     * is for tests. */
+    const int refs[2] = { h->threads_ref, h->results_ref };
+    const char *names[2] = { "threads", "results" };
+    for (int k = 0; k < 2; k++) {
+        n = 0;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, refs[k]);
+        lua_pushnil(L);
+        while (lua_next(L, -2)) {
+            if (lua_type(L, -2) == LUA_TNUMBER && lua_tonumber(L, -2) > 0
+                && !lua_isnumber(L, -1))
+                n++;
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+        lua_pushinteger(L, n);
+        lua_setfield(L, -2, names[k]);
+    }
+    return 1;
+}
+
+/* core.emit(name, json?) -> forwards a runtime event to C subscribers. */
+static int l_emit(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_event_t ev;
+    if (am2z_engine_subscribers(h->e) == 0)
+        return 0;
+    ev.name = luaL_checkstring(L, 1);
+    ev.json = luaL_optstring(L, 2, NULL);
+    ev.exec = h->current;
+    am2z_engine_emit(h->e, &ev);
+    return 0;
+}
+
+static int l_subscribers(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lua_pushinteger(L, am2z_engine_subscribers(h->e));
+    return 1;
+}
+
+/* core.set_error_handler(fn(what, err)) for callback errors. */
+static int l_set_error_handler(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    if (h->errh_ref != LUA_NOREF)
+        luaL_unref(L, LUA_REGISTRYINDEX, h->errh_ref);
+    h->errh_ref = LUA_NOREF;
+    if (!lua_isnoneornil(L, 1)) {
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+        lua_pushvalue(L, 1);
+        h->errh_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    return 0;
+}
+
+static int l_in_exec(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lua_pushboolean(L, h->current != NULL && h->running == L);
+    return 1;
+}
+
+/* ---- module ------------------------------------------------------------- */
+
+static int host_gc(lua_State *L)
+{
+    lhost_t *h = lua_touserdata(L, 1);
+    if (h->e) {
+        h->closing = 1;
+        am2z_engine_free(h->e);
+        h->e = NULL;
+    }
+    return 0;
+}
+
+static const luaL_Reg core_funcs[] = {
+    { "wait_child", l_wait_child },
+    { "wait", l_wait },
+    { "sleep", l_sleep },
+    { "yield", l_yield },
+    { "cancel", l_cancel },
+    { "aborted", l_aborted },
+    { "on_abort", l_on_abort },
+    { "current", l_current },
+    { "status", l_status },
+    { "run_loop", l_run_loop },
+    { "now", l_now },
+    { "iso_now", l_iso_now },
+    { "wall_ms", l_wall_ms },
+    { "retry_delay", l_retry_delay },
+    { "stats", l_stats },
+    { "_debug_counts", l_debug_counts },
+    { "emit", l_emit },
+    { "subscribers", l_subscribers },
+    { "set_error_handler", l_set_error_handler },
+    { "in_exec", l_in_exec },
+    { NULL, NULL }
+};
+
+static lhost_t *get_host(lua_State *L)
+{
+    lhost_t *h;
+    lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    h = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return h;
+}
+
+am2z_engine_t *am2z_lua_engine(lua_State *L)
+{
+    lhost_t *h = get_host(L);
+    return h ? h->e : NULL;
+}
+
+int am2z_lua_open(lua_State *L, uv_loop_t *loop)
+{
+    lhost_t *h = get_host(L);
+    int hidx;
+
+    if (h == NULL) {
+        am2z_engine_opts_t o;
+        h = lua_newuserdata(L, sizeof(*h));
+        memset(h, 0, sizeof(*h));
+        h->errh_ref = LUA_NOREF;
+        hidx = lua_gettop(L);
+        lua_newtable(L);
+        lua_pushcfunction(L, host_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_setmetatable(L, hidx);
+
+        lua_State *mainL = L;
+        /* LuaJIT has no LUA_RIDX_MAINTHREAD; the main thread is the one a
+         * coroutine-free caller runs on, and require runs there too in every
+         * host we support. Remember whichever thread opened us. */
+        h->L = mainL;
+        lua_newtable(L);
+        h->threads_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_newtable(L);
+        h->results_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_newtable(L);
+        h->cbs_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+        memset(&o, 0, sizeof(o));
+        o.loop = loop;
+        o.host = h;
+        o.hooks.resume = host_resume;
+        o.hooks.release = host_release;
+        o.hooks.abort = host_abort;
+        o.exec_host_size = sizeof(lexec_t);
+        if (am2z_engine_new(&o, &h->e) != AM2Z_OK)
+            return luaL_error(L, "am2z.core: could not create the engine (libuv failed)");
+
+        lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
+        lua_pushvalue(L, hidx);
+        lua_rawset(L, LUA_REGISTRYINDEX);
+    } else {
+        lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
+        lua_rawget(L, LUA_REGISTRYINDEX);
+        hidx = lua_gettop(L);
+    }
+
+    lua_newtable(L);
+    for (const luaL_Reg *r = core_funcs; r->name; r++) {
+        lua_pushvalue(L, hidx);
+        lua_pushcclosure(L, r->func, 1);
+        lua_setfield(L, -2, r->name);
+    }
+    lua_pushvalue(L, hidx);
+    lua_pushcclosure(L, l_spawn, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "spawn");
+    /* core.run calls spawn through its second upvalue. */
+    lua_pushvalue(L, hidx);
+    lua_insert(L, -2);
+    lua_pushcclosure(L, l_run, 2);
+    lua_setfield(L, -2, "run");
+    lua_pushliteral(L, AM2Z_VERSION);
+    lua_setfield(L, -2, "version");
+
+    lua_remove(L, hidx);
+    lua_getglobal(L, "package");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "loaded");
+        if (lua_istable(L, -1)) {
+            lua_pushvalue(L, -3);
+            lua_setfield(L, -2, "am2z.core");
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return 1;
+}
+
+int luaopen_am2z_core(lua_State *L)
+{
+    return am2z_lua_open(L, NULL);
+}
+
+uint64_t am2z_lua_spawn_main(lua_State *L, int nargs)
+{
+    lhost_t *h = get_host(L);
+    int fidx = lua_gettop(L) - nargs;
+    uint64_t id;
+
+    if (h == NULL) {
+        lua_pushliteral(L, "am2z.core is not open");
+        return 0;
+    }
+    /* spawn(fn, "root", 0, 0, 1, args...) through a closure with the host
+     * upvalue, exactly as Lua callers do. */
+    lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    lua_pushcclosure(L, l_spawn, 1);
+    lua_insert(L, fidx);
+    lua_pushliteral(L, "root");
+    lua_pushnumber(L, 0);
+    lua_pushinteger(L, 0);
+    lua_pushinteger(L, 1);
+    for (int i = 0; i < 4; i++)
+        lua_insert(L, fidx + 2);
+    if (lua_pcall(L, nargs + 5, 1, 0) != 0)
+        return 0;
+    id = (uint64_t) lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    h->main_exec = am2z_exec_find(h->e, id);
+    if (h->main_exec)
+        am2z_exec_ref(h->main_exec);
+    h->loop_L = L;
+    return id;
+}
+
+int am2z_lua_main_status(lua_State *L, uint64_t id, const char **errmsg)
+{
+    lhost_t *h = get_host(L);
+    am2z_exec_t *x = h ? h->main_exec : NULL;
+    int st;
+
+    (void) id;
+    *errmsg = NULL;
+    if (x == NULL)
+        return AM2Z_ENOTFOUND;
+    if (!am2z_exec_is_settled(x))
+        return AM2Z_ESTATE;
+    st = am2z_exec_settled_status(x);
+    if (st != AM2Z_OK) {
+        push_result(h, L, x);
+        *errmsg = lua_tostring(L, -1);   /* stays on L's stack for the caller */
+    }
+    return st;
+}

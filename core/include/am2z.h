@@ -1,0 +1,248 @@
+/*
+ * am2z.h -- the public C API of the am2z engine core.
+ *
+ * The core owns the execution tree, timers, cancellation, retry arithmetic,
+ * counters and event fan-out. It knows nothing about Lua: a "host" (the Lua
+ * bindings, or an embedder) fills an am2z_hooks_t and runs the bodies of
+ * executions when the core asks it to (the resume hook).
+ *
+ * Threading: one engine belongs to one loop thread. No function here may be
+ * called from another thread.
+ *
+ * Errors: functions return AM2Z_OK (0) or a negative AM2Z_E* code; see
+ * am2z_strerror() / am2z_err_name().
+ */
+#ifndef AM2Z_H
+#define AM2Z_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define AM2Z_VERSION "0.1.0"
+
+/* name, message. Codes are negative and stable in this order. */
+#define AM2Z_ERRNO_MAP(XX)                                                   \
+    XX(EINVAL, "invalid argument")                                           \
+    XX(ENOMEM, "out of memory")                                              \
+    XX(EBUSY, "a request is already pending for this execution")             \
+    XX(ETIMEDOUT, "operation timed out")                                     \
+    XX(ECANCELED, "operation cancelled")                                     \
+    XX(ESTATE, "operation not valid in the execution's current state")       \
+    XX(EFAILED, "execution failed")                                          \
+    XX(EDEPTH, "call depth exceeded")                                        \
+    XX(ENOTFOUND, "not found")                                               \
+    XX(ECLOSED, "engine is closing")                                         \
+    XX(ESTALE, "handle refers to an execution that no longer exists")        \
+    XX(EUV, "libuv error")
+
+typedef enum {
+    AM2Z_OK = 0,
+#define AM2Z_XX_ENUM(name, msg) AM2Z_##name,
+    AM2Z__ERR_BEFORE_FIRST = -100,
+    AM2Z_ERRNO_MAP(AM2Z_XX_ENUM)
+#undef AM2Z_XX_ENUM
+    AM2Z__ERR_END
+} am2z_err_t;
+
+const char *am2z_strerror(int code);
+const char *am2z_err_name(int code);
+/* Inverse of am2z_err_name(); returns AM2Z_EINVAL for an unknown name. */
+int am2z_err_from_name(const char *name);
+
+typedef struct am2z_engine_s am2z_engine_t;
+typedef struct am2z_exec_s am2z_exec_t;
+
+/* Execution lifecycle (one execution == one attempt of one processor body). */
+typedef enum {
+    AM2Z_EXEC_NEW = 0,      /* created, waiting in the ready queue to start */
+    AM2Z_EXEC_RUNNING,      /* the host is running its body right now */
+    AM2Z_EXEC_SUSPENDED,    /* waiting on its one pending request */
+    AM2Z_EXEC_READY,        /* its request completed; waiting in the ready queue */
+    AM2Z_EXEC_DONE          /* its body has returned (or was abandoned) */
+} am2z_exec_state_t;
+
+/* What a completed request delivers at resume time. */
+typedef enum {
+    AM2Z_WAKE_START = 0,    /* first run */
+    AM2Z_WAKE_SLEEP,        /* sleep ended (status OK or the abort reason) */
+    AM2Z_WAKE_CHILD,        /* a child settled: am2z_exec_take_child() */
+    AM2Z_WAKE_EXEC,         /* a watched execution settled: wake.target */
+    AM2Z_WAKE_HOST,         /* am2z_exec_complete_host() was called */
+    AM2Z_WAKE_YIELD         /* am2z_exec_yield(): just go round the loop */
+} am2z_wake_kind_t;
+
+typedef struct {
+    /* Called from the drain, never from inside another resume. The host runs
+     * (starts or continues) the body, then either suspends it through one of
+     * the request functions below, or calls am2z_exec_finish(). */
+    void (*resume)(void *host, am2z_exec_t *exec);
+    /* The record is about to be freed: drop every host reference. */
+    void (*release)(void *host, am2z_exec_t *exec);
+    /* The execution was aborted (cancel, deadline, parent's abort). Runs
+     * exactly once per execution, synchronously, possibly while another body
+     * is running on the loop thread; must not resume anything. May be NULL. */
+    void (*abort)(void *host, am2z_exec_t *exec, int reason);
+} am2z_hooks_t;
+
+typedef struct {
+    uv_loop_t *loop;        /* NULL: the engine creates and owns a loop */
+    am2z_hooks_t hooks;
+    void *host;             /* passed to every hook */
+    unsigned drain_budget;  /* resumes per loop turn before I/O gets a look; 0: default */
+    size_t exec_host_size;  /* bytes of zeroed host space allocated with every
+                             * execution record (am2z_exec_host_data) */
+} am2z_engine_opts_t;
+
+int  am2z_engine_new(const am2z_engine_opts_t *opts, am2z_engine_t **out);
+/* Cancels every live execution, releases them, closes the engine's handles,
+ * and (when it owns the loop) runs and closes the loop. Safe on NULL. */
+void am2z_engine_free(am2z_engine_t *e);
+uv_loop_t *am2z_engine_loop(am2z_engine_t *e);
+/* uv_run on the engine's loop. */
+int  am2z_engine_run(am2z_engine_t *e, uv_run_mode mode);
+/* Monotonic clock in milliseconds (sub-millisecond precision). */
+double am2z_now_ms(void);
+
+typedef struct {
+    uint64_t live;          /* execution records allocated and not yet freed */
+    uint64_t running;       /* bodies started and not finished */
+    uint64_t started;
+    uint64_t succeeded;     /* settled AM2Z_OK */
+    uint64_t failed;        /* settled AM2Z_EFAILED */
+    uint64_t timed_out;
+    uint64_t cancelled;
+    uint64_t timers;        /* armed timers (sleeps, deadlines) */
+    uint64_t ready;         /* executions in the ready queue */
+} am2z_stats_t;
+void am2z_engine_stats(am2z_engine_t *e, am2z_stats_t *out);
+
+/* ---- executions ------------------------------------------------------- */
+
+typedef struct {
+    uint32_t timeout_ms;    /* 0: no deadline of its own */
+    int      depth;         /* call depth, as the host counts it */
+    int      attempt;       /* informational, 1-based */
+    /* Non-zero: when this child settles it is queued for the parent's
+     * am2z_exec_wait_child(). Zero: the parent link only carries
+     * cancellation (wait for it with am2z_exec_wait_exec). */
+    int      notify_parent;
+} am2z_exec_opts_t;
+
+/* Creates an execution as a child of `parent` (or a root when NULL) and
+ * posts it: the resume hook starts it on a later drain, never inside this
+ * call. A child of an aborted parent is created already aborted. The new
+ * record starts with one reference owned by its body; the caller gets no
+ * reference of its own (take one with am2z_exec_ref to keep the pointer). */
+int am2z_exec_new(am2z_engine_t *e, am2z_exec_t *parent,
+                  const am2z_exec_opts_t *opts, am2z_exec_t **out);
+
+/* Looks a live record up by id; NULL once it has been freed. */
+am2z_exec_t *am2z_exec_find(am2z_engine_t *e, uint64_t id);
+
+void     am2z_exec_ref(am2z_exec_t *x);
+void     am2z_exec_unref(am2z_exec_t *x);
+
+uint64_t am2z_exec_id(const am2z_exec_t *x);       /* unique per engine, never reused */
+int      am2z_exec_state(const am2z_exec_t *x);
+int      am2z_exec_depth(const am2z_exec_t *x);
+int      am2z_exec_attempt(const am2z_exec_t *x);
+/* The exec_host_size bytes the engine allocated with the record. */
+void    *am2z_exec_host_data(const am2z_exec_t *x);
+am2z_exec_t *am2z_exec_parent(const am2z_exec_t *x);
+/* 0 while undecided, else AM2Z_OK / AM2Z_EFAILED / AM2Z_ETIMEDOUT / AM2Z_ECANCELED
+ * (AM2Z_OK is 0 too: use am2z_exec_is_settled to tell them apart). */
+int      am2z_exec_settled_status(const am2z_exec_t *x);
+int      am2z_exec_is_settled(const am2z_exec_t *x);
+/* 0, or the reason (AM2Z_ETIMEDOUT / AM2Z_ECANCELED) it was aborted. */
+int      am2z_exec_aborted(const am2z_exec_t *x);
+/* Milliseconds since the body first started (0 before). */
+double   am2z_exec_elapsed_ms(const am2z_exec_t *x);
+
+/* (Re)arms the execution's deadline `ms` from now; 0 disarms it. When it
+ * fires the execution is settled with AM2Z_ETIMEDOUT and aborted. */
+int  am2z_exec_set_deadline(am2z_exec_t *x, uint32_t ms);
+
+/* Settles the execution with `reason` (if undecided), marks it aborted,
+ * runs the abort hook, completes its pending request with `reason`, and
+ * cancels every descendant with AM2Z_ECANCELED. Idempotent. */
+void am2z_exec_cancel(am2z_exec_t *x, int reason);
+
+/* The body has returned. `status` is AM2Z_OK or AM2Z_EFAILED; it settles
+ * the execution unless a deadline or cancel decided it first. Releases the
+ * body's reference: do not use `x` after this unless you hold one. Children
+ * still running are detached (they go on, reporting to nobody). */
+void am2z_exec_finish(am2z_exec_t *x, int status);
+
+/* Settles without finishing the body (a result known early). Idempotent:
+ * the first decision wins. */
+void am2z_exec_settle(am2z_exec_t *x, int status);
+
+/* ---- suspensions: at most one pending request per execution ------------
+ * Each returns AM2Z_OK when the execution is now suspended (the host must
+ * return control to the drain), a positive AM2Z_READY when the answer is
+ * already there (no suspension), or a negative error. */
+#define AM2Z_READY 1
+
+int am2z_exec_sleep(am2z_exec_t *x, double ms);
+/* Waits until one of x's children settles (or returns READY if one has). */
+int am2z_exec_wait_child(am2z_exec_t *x);
+/* Pops the oldest settled child; the caller owns the returned reference. */
+am2z_exec_t *am2z_exec_take_child(am2z_exec_t *x);
+/* Waits until `target` settles; the wake carries a reference to target. */
+int am2z_exec_wait_exec(am2z_exec_t *x, am2z_exec_t *target);
+/* Suspends until am2z_exec_complete_host(x, token, status). */
+int am2z_exec_wait_host(am2z_exec_t *x, uint64_t *token);
+int am2z_exec_complete_host(am2z_exec_t *x, uint64_t token, int status);
+/* Goes round the loop once (other work runs), then resumes. */
+int am2z_exec_yield(am2z_exec_t *x);
+
+/* After the resume hook is called: what woke the execution. */
+typedef struct {
+    int          kind;      /* am2z_wake_kind_t */
+    int          status;    /* AM2Z_OK, or the abort reason / host status */
+    am2z_exec_t *target;    /* AM2Z_WAKE_EXEC: a reference the host must unref */
+} am2z_wake_t;
+/* Moves the wake record out (target ownership passes to the caller). */
+void am2z_exec_take_wake(am2z_exec_t *x, am2z_wake_t *out);
+
+/* ---- retry arithmetic (the same in every runtime) --------------------- */
+
+typedef struct {
+    int    max_attempts;        /* >= 1; 1 means no retry */
+    double backoff_ms;          /* delay before the 2nd attempt */
+    double multiplier;          /* >= 1 */
+    double max_backoff_ms;      /* 0: uncapped */
+    int    jitter;              /* non-zero: equal jitter, delay in [d/2, d] */
+} am2z_retry_policy_t;
+
+/* Delay before the attempt after `failed_attempt` (1-based). `unit_random`
+ * in [0,1) is used only with jitter. Returns -1 when no attempt is left. */
+double am2z_retry_delay(const am2z_retry_policy_t *p, int failed_attempt,
+                        double unit_random);
+int    am2z_retry_policy_check(const am2z_retry_policy_t *p, const char **why);
+
+/* ---- events ----------------------------------------------------------- */
+
+typedef struct {
+    const char  *name;       /* "processor:completed", custom names, ... */
+    const char  *json;       /* payload as JSON text, may be NULL */
+    am2z_exec_t *exec;       /* may be NULL */
+} am2z_event_t;
+
+typedef void (*am2z_event_cb)(void *ud, const am2z_event_t *ev);
+
+/* Subscribers are called synchronously, in subscription order. */
+int  am2z_engine_subscribe(am2z_engine_t *e, am2z_event_cb cb, void *ud, uint64_t *id);
+int  am2z_engine_unsubscribe(am2z_engine_t *e, uint64_t id);
+int  am2z_engine_subscribers(const am2z_engine_t *e);
+void am2z_engine_emit(am2z_engine_t *e, const am2z_event_t *ev);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* AM2Z_H */
