@@ -524,6 +524,30 @@ static int l_yield(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* core.wait_host(token) -> true | nil, reason
+ * Suspends until core.complete_host(id, token) (a Lua-level future). */
+static int l_wait_host(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    uint64_t token = check_id(L, 1);
+    am2z_exec_t *x = check_current(L, h, "core.wait_host");
+    int rc = am2z_exec_wait_host(x, token);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.complete_host(id, token, status?) -> true | false (stale or gone) */
+static int l_complete_host(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = am2z_exec_find(h->e, check_id(L, 1));
+    uint64_t token = check_id(L, 2);
+    int status = lua_isnoneornil(L, 3) ? AM2Z_OK : check_reason(L, 3);
+    lua_pushboolean(L, x != NULL && am2z_exec_complete_host(x, token, status) == AM2Z_OK);
+    return 1;
+}
+
 /* core.cancel(id, reason?) -> true | false (unknown or already finished) */
 static int l_cancel(lua_State *L)
 {
@@ -867,6 +891,8 @@ static const luaL_Reg core_funcs[] = {
     { "sleep", l_sleep },
     { "yield", l_yield },
     { "cancel", l_cancel },
+    { "wait_host", l_wait_host },
+    { "complete_host", l_complete_host },
     { "aborted", l_aborted },
     { "on_abort", l_on_abort },
     { "current", l_current },

@@ -268,14 +268,12 @@ int am2z_exec_wait_exec(am2z_exec_t *x, am2z_exec_t *target)
     return AM2Z_OK;
 }
 
-int am2z_exec_wait_host(am2z_exec_t *x, uint64_t *token)
+int am2z_exec_wait_host(am2z_exec_t *x, uint64_t token)
 {
     int rc = req_begin(x, AM2Z_REQ_HOST);
     if (rc != AM2Z_OK)
         return rc;
-    x->req.token = x->engine->next_token++;
-    if (token)
-        *token = x->req.token;
+    x->req.token = token;
     if (x->aborted)
         req_complete(x, x->aborted);
     return AM2Z_OK;

@@ -195,8 +195,9 @@ int am2z_exec_wait_child(am2z_exec_t *x);
 am2z_exec_t *am2z_exec_take_child(am2z_exec_t *x);
 /* Waits until `target` settles; the wake carries a reference to target. */
 int am2z_exec_wait_exec(am2z_exec_t *x, am2z_exec_t *target);
-/* Suspends until am2z_exec_complete_host(x, token, status). */
-int am2z_exec_wait_host(am2z_exec_t *x, uint64_t *token);
+/* Suspends until am2z_exec_complete_host(x, token, status). The token is
+ * the host's choice; a completion with any other token is ignored. */
+int am2z_exec_wait_host(am2z_exec_t *x, uint64_t token);
 int am2z_exec_complete_host(am2z_exec_t *x, uint64_t token, int status);
 /* Goes round the loop once (other work runs), then resumes. */
 int am2z_exec_yield(am2z_exec_t *x);

@@ -1,0 +1,391 @@
+--[[
+am2z.executor -- what happens when a processor is executed, shared by every
+runtime: state copy and validation at the boundary, the attempt loop with
+retries, the processor context (ctx), result normalization, events.
+
+One *execution* (one executionId) is one or more *attempts*. Each attempt is
+its own engine coroutine with its own deadline and cancel token, spawned as
+a child of the caller's coroutine, so a caller's cancellation reaches it and
+a timed-out attempt that is still running cannot block the next one. The
+attempt loop runs in the caller's coroutine.
+
+Must not: talk to Redis or libuv directly (everything goes through
+am2z.core), or raise for runtime conditions: execute/ctx:call return failed
+results instead.
+]]
+
+local core = require("am2z.core")
+local errors = require("am2z.errors")
+local statem = require("am2z.state")
+
+local type, pairs, tostring, setmetatable, getmetatable, rawset, xpcall, pcall =
+  type, pairs, tostring, setmetatable, getmetatable, rawset, xpcall, pcall
+local format = string.format
+local floor, random = math.floor, math.random
+local traceback = debug.traceback
+
+local copy_state = statem.copy
+local bump = statem._bump
+local spawn, wait, now, wall_ms = core.spawn, core.wait, core.now, core.wall_ms
+
+local ProcessorExecutionError = errors.ProcessorExecutionError
+local TimeoutError, CancelledError = errors.TimeoutError, errors.CancelledError
+
+local M = {}
+
+-- ------------------------------------------------------------------ ids
+
+local id_seq = 0
+local id_prefix = format("%x%04x", os.time(), floor(random() * 0xffff))
+
+--- A new execution id; never contains ":" (BullMQ job ids must not).
+function M.newExecutionId()
+  id_seq = id_seq + 1
+  return "exec-" .. id_prefix .. "-" .. id_seq
+end
+
+local token_seq = 0
+--- A token for core.wait_host / core.complete_host.
+function M.newToken()
+  token_seq = token_seq + 1
+  return token_seq
+end
+
+local session_seq = 0
+function M.newSessionId()
+  session_seq = session_seq + 1
+  return "session-" .. id_prefix .. "-" .. session_seq
+end
+
+-- ------------------------------------------------------------------ events
+
+-- Builds the payload only when somebody listens: events are on every step.
+local function emit(rt, name, def, eid, sid, attempt, extra)
+  local ls = rt._listeners[name]
+  if ls == nil and core.subscribers() == 0 then return end
+  local payload = {
+    processorName = def and def.name, executionId = eid, sessionId = sid, attempt = attempt,
+  }
+  if extra then
+    for k, v in pairs(extra) do payload[k] = v end
+  end
+  rt:_dispatch(name, payload)
+end
+M.emit = emit
+
+-- ------------------------------------------------------------------ context
+
+local Signal = {}
+local function reason_error(sig, reason)
+  if reason == "ETIMEDOUT" then
+    return TimeoutError(format("Processor '%s' timed out after %dms", sig._name, sig._timeout or 0),
+      sig._timeout)
+  end
+  return CancelledError(format("Processor '%s' was cancelled", sig._name), "cancelled")
+end
+local function signal_onAbort(self, fn)
+  if type(fn) ~= "function" then
+    error("ctx.signal:onAbort: expected a function, got " .. type(fn), 2)
+  end
+  local sig = self
+  core.on_abort(self._cid, function(reason) fn(reason_error(sig, reason)) end)
+end
+Signal.__index = function(t, k)
+  if k == "aborted" then
+    return core.aborted(t._cid) ~= nil
+  elseif k == "reason" then
+    local r = core.aborted(t._cid)
+    return r and reason_error(t, r) or nil
+  elseif k == "onAbort" then
+    return signal_onAbort
+  end
+  return nil
+end
+
+local Ctx = {}
+local ctx_methods = {}
+
+local invoke -- forward
+
+--- Runs another registered processor in this execution's session, one level
+--- deeper. Returns its execution result; never raises for its failure.
+function ctx_methods.call(self, name, state)
+  if type(name) ~= "string" then
+    error("ctx:call: expected a processor name (string), got " .. type(name), 2)
+  end
+  if type(state) ~= "table" then
+    error("ctx:call: expected a state table, got " .. type(state), 2)
+  end
+  local n = self._ncalls + 1
+  self._ncalls = n
+  return invoke(self._rt, name, state, self._sid, self.callDepth + 1, self._eid .. "." .. n)
+end
+
+--- Suspends for ms; true, or nil + TimeoutError/CancelledError when aborted.
+function ctx_methods.sleep(self, ms)
+  if type(ms) ~= "number" or ms < 0 or ms ~= ms then
+    error("ctx:sleep: expected a number of milliseconds >= 0, got " .. tostring(ms), 2)
+  end
+  local ok, reason = core.sleep(ms)
+  if ok then return true end
+  return nil, reason_error(self.signal, reason)
+end
+
+--- Emits a custom event to the runtime's listeners: fn(data, meta).
+function ctx_methods.emit(self, event, data)
+  if type(event) ~= "string" or event == "" then
+    error("ctx:emit: expected an event name (non-empty string), got " .. type(event), 2)
+  end
+  local rt = self._rt
+  if rt._listeners[event] == nil and core.subscribers() == 0 then return end
+  rt:_dispatch(event, data, self.meta)
+end
+
+--- Reports progress (0-100 or a table).
+function ctx_methods.updateProgress(self, p)
+  if not ((type(p) == "number" and p >= 0 and p <= 100) or type(p) == "table") then
+    error("ctx:updateProgress: expected a number from 0 to 100 or a table, got " .. tostring(p), 2)
+  end
+  self._progress = p
+  emit(self._rt, "processor:progress", self._def, self._eid, self._sid, self._attempt,
+    { progress = p })
+end
+
+-- The less common fields are built on first use: most steps never touch
+-- them, and 100k sleeping executions should not each carry a logger.
+Ctx.__index = function(self, k)
+  local m = ctx_methods[k]
+  if m then return m end
+  if k == "log" then
+    local l = self._rt:_loggerFor(self._def.name)
+    rawset(self, "log", l)
+    return l
+  elseif k == "meta" then
+    local meta = { processorName = self._def.name, executionId = self._eid,
+                   sessionId = self._sid, attempt = self._attempt, startedAt = self._startedAt }
+    rawset(self, "meta", meta)
+    return meta
+  elseif k == "signal" then
+    local s = setmetatable({ _cid = self._cid, _name = self._def.name, _timeout = self._timeout }, Signal)
+    rawset(self, "signal", s)
+    return s
+  end
+  return nil
+end
+
+-- ------------------------------------------------------------------ attempt
+
+local function on_raise(e)
+  if errors.is(e, errors.AM2ZError) and type(e) == "table" and getmetatable(e) ~= nil then
+    return e
+  end
+  return { __am2z_raised = true, value = e, traceback = traceback(tostring(e), 2) }
+end
+
+local function describe(v)
+  local t = type(v)
+  if t == "string" then return format("string %q", v) end
+  if t == "number" or t == "boolean" then return t .. " " .. tostring(v) end
+  return t
+end
+
+local function failed(err, state)
+  local ps = type(err) == "table" and type(err.details) == "table" and err.details.partialState
+  return { success = false, error = err, state = ps or state }
+end
+
+-- Turns whatever the body returned into an attempt result.
+local function normalize(def, eid, input, ok, ret)
+  local name = def.name
+  if not ok then
+    if type(ret) == "table" and ret.__am2z_raised then
+      return failed(ProcessorExecutionError(name, eid, ret.value,
+        { traceback = ret.traceback }), input), false
+    end
+    return failed(errors.wrapAsProcessorError(ret, name, eid), input), false
+  end
+  if type(ret) ~= "table" or type(ret.success) ~= "boolean" then
+    return failed(ProcessorExecutionError(name, eid,
+      format("processor '%s' returned %s instead of a Result (Success(state) or Failure(err))",
+        name, describe(ret))), input), false
+  end
+  if ret.success then
+    local out = ret.data
+    if out == nil then out = ret.state end
+    if type(out) ~= "table" then
+      return failed(ProcessorExecutionError(name, eid,
+        format("processor '%s' returned Success with %s instead of a state table", name,
+          describe(out))), input), false
+    end
+    local c, msg, path = copy_state(out)
+    if c == nil then
+      return failed(errors.ValidationError(path, nil,
+        format("output of '%s': %s", name, msg)), input), false
+    end
+    local schema = def.stateSchema
+    if schema then
+      local vok, vmsg, vpath = schema:validate(c)
+      if not vok then
+        return failed(errors.ValidationError(vpath or "state", nil,
+          format("output of '%s': %s", name, vmsg)), input), false
+      end
+    end
+    if def.type == "processor" then bump(c) end
+    return { success = true, state = c }, true
+  end
+  local err = ret.error
+  if err == nil then
+    err = ProcessorExecutionError(name, eid, format("processor '%s' returned Failure without an error", name))
+  else
+    err = errors.wrapAsProcessorError(err, name, eid)
+  end
+  return failed(err, input), false
+end
+
+-- The body of one attempt: runs in its own engine coroutine.
+local function attempt_body(rt, def, input, eid, sid, attempt, depth, timeout)
+  local cid = core.current()
+  local ctx = setmetatable({
+    _rt = rt, _def = def, _cid = cid, _eid = eid, _sid = sid, _attempt = attempt,
+    _startedAt = wall_ms(), _timeout = timeout, _ncalls = 0, callDepth = depth,
+  }, Ctx)
+  return normalize(def, eid, input, xpcall(def.fn, on_raise, input, ctx))
+end
+
+-- A backoff wait that runtime:cancel can interrupt (it cancels this child).
+local function backoff_body(ms)
+  local ok = core.sleep(ms)
+  return ok and true or false, ok and true or false
+end
+
+-- ------------------------------------------------------------------ invoke
+
+local function finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
+  result.executionTime = now() - t0
+  result.metadata = { processorName = name, executionId = eid, sessionId = sid,
+                      attempt = attempt, startedAt = startedAt }
+  local stats = rt._stats
+  if result.success then
+    stats.completed = stats.completed + 1
+    emit(rt, "processor:completed", def or { name = name }, eid, sid, attempt,
+      { executionTime = result.executionTime })
+  else
+    stats.failed = stats.failed + 1
+    emit(rt, "processor:failed", def or { name = name }, eid, sid, attempt,
+      { executionTime = result.executionTime, error = result.error })
+  end
+  return result
+end
+
+local function call_hook(rt, what, fn, ...)
+  local ok, e = pcall(fn, ...)
+  if not ok then
+    rt._logger:error(what .. " raised an error", { error = tostring(e) })
+  end
+  return ok, e
+end
+
+--- Executes processor `name` on `state` from the current engine coroutine.
+--- Returns an execution result; never raises for runtime conditions.
+invoke = function(rt, name, state, sid, depth, eid)
+  local t0, startedAt = now(), wall_ms()
+  local def = rt._processors[name]
+  if def == nil then
+    return finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
+      state), nil, name, eid, sid, 1, t0, startedAt)
+  end
+  if depth > rt._maxCallDepth then
+    return finish(rt, failed(errors.CallDepthExceededError(
+      format("Call depth %d exceeds the maximum of %d (calling '%s')", depth, rt._maxCallDepth, name),
+      rt._maxCallDepth, depth), state), def, name, eid, sid, 1, t0, startedAt)
+  end
+  local input, msg, path = copy_state(state)
+  if input == nil then
+    return finish(rt, failed(errors.ValidationError(path, nil, msg), state),
+      def, name, eid, sid, 1, t0, startedAt)
+  end
+  local schema = def.stateSchema
+  if schema then
+    local vok, vmsg, vpath = schema:validate(input)
+    if not vok then
+      return finish(rt, failed(errors.ValidationError(vpath or "state", nil,
+        format("input of '%s': %s", name, vmsg)), input), def, name, eid, sid, 1, t0, startedAt)
+    end
+  end
+
+  local timeout = rt:_timeoutOf(def)
+  local policy = def.config.retryPolicy
+  local active = rt._active
+  local stats = rt._stats
+  stats.running = stats.running + 1
+  local attempt, result = 1, nil
+  while true do
+    emit(rt, "processor:started", def, eid, sid, attempt)
+    local cid = spawn(attempt_body, "watch", timeout, depth, attempt,
+      rt, def, attempt == 1 and input or copy_state(state), eid, sid, attempt, depth, timeout)
+    active[eid] = cid
+    local status, res = wait(cid)
+    if status == "OK" or status == "EFAILED" then
+      if type(res) == "table" then
+        result = res
+      else
+        result = failed(ProcessorExecutionError(name, eid, res or "execution body failed"), input)
+      end
+    elseif status == "ETIMEDOUT" then
+      result = failed(TimeoutError(format("Processor '%s' timed out after %dms", name, timeout),
+        timeout), input)
+    elseif status == "ECANCELED" then
+      result = failed(CancelledError(format("Processor '%s' was cancelled", name), "cancelled"), input)
+    else
+      -- Our own wait was cut short: the caller itself is being aborted, and
+      -- the attempt (our child) was cancelled with it.
+      result = failed(errors.fromCore(res or "ECANCELED",
+        format("Execution of '%s' was interrupted: its caller was aborted", name)), input)
+      break
+    end
+    if result.success or policy == nil or attempt >= policy.maxAttempts
+        or rt._cancelled[eid] or errors.is(result.error, CancelledError) then
+      if policy and not result.success and attempt > 1 and policy.onExhausted
+          and not rt._cancelled[eid] then
+        call_hook(rt, "onExhausted", policy.onExhausted, result.error, attempt)
+      end
+      break
+    end
+    local err = result.error
+    local retry
+    if policy.shouldRetry then
+      local ok, r = call_hook(rt, "shouldRetry", policy.shouldRetry, err, attempt)
+      retry = ok and r and true or false
+    else
+      retry = errors.isRetryableError(err)
+    end
+    if not retry then
+      if policy.onExhausted and attempt > 1 then
+        call_hook(rt, "onExhausted", policy.onExhausted, err, attempt)
+      end
+      break
+    end
+    local delay = core.retry_delay(policy.maxAttempts, policy.backoffMs, policy.backoffMultiplier,
+      policy.maxBackoffMs or 0, policy.jitter, attempt, random())
+    emit(rt, "processor:retrying", def, eid, sid, attempt, { delayMs = delay, error = err })
+    if policy.onRetry then call_hook(rt, "onRetry", policy.onRetry, err, attempt) end
+    if delay > 0 then
+      local bid = spawn(backoff_body, "watch", 0, depth, attempt, delay)
+      active[eid] = bid
+      local bst, bres = wait(bid)
+      if bst ~= "OK" or not bres then
+        result = failed(CancelledError(format("Execution of '%s' was cancelled while waiting to retry",
+          name), "cancelled"), input)
+        break
+      end
+    end
+    attempt = attempt + 1
+  end
+  active[eid] = nil
+  rt._cancelled[eid] = nil
+  stats.running = stats.running - 1
+  return finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
+end
+M.invoke = invoke
+
+return M

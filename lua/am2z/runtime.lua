@@ -1,0 +1,485 @@
+--[[
+am2z.runtime -- LocalRuntime: processors executed in this process, on the
+engine's loop, with the semantics every runtime shares (am2z.executor).
+
+Must not: talk to Redis or libuv directly, or raise for runtime conditions
+in execute/executeMany (they return failed results). Misuse (wrong argument
+types, not started, waiting outside an engine coroutine) raises.
+]]
+
+local core = require("am2z.core")
+local errors = require("am2z.errors")
+local log = require("am2z.log")
+local processor = require("am2z.processor")
+local executor = require("am2z.executor")
+local statem = require("am2z.state")
+
+local type, pairs, ipairs, error, setmetatable, tostring, pcall =
+  type, pairs, ipairs, error, setmetatable, tostring, pcall
+local format, sort = string.format, table.sort
+local floor, huge = math.floor, math.huge
+local describe = processor.describe
+
+local UINT32_MAX = 4294967295
+
+local M = {}
+
+-- Every runtime created, so am2z-lua can stop them all on SIGINT/SIGTERM.
+local all_runtimes = setmetatable({}, { __mode = "k" })
+M._all = all_runtimes
+
+---@class LocalRuntime
+local LocalRuntime = {}
+LocalRuntime.__index = LocalRuntime
+M.LocalRuntime = LocalRuntime
+
+local function is_posint(v)
+  return type(v) == "number" and v > 0 and v == floor(v) and v < huge
+end
+
+local function check_logger(fname, l)
+  if type(l) ~= "table" or type(l.info) ~= "function" or type(l.error) ~= "function" then
+    error(format("%s: expected logger to be a logger (from am2z.createLogger), got %s", fname,
+      describe(l)), 3)
+  end
+end
+
+--- Creates an in-process runtime.
+---@param opts table|nil { maxCallDepth = 10, defaultTimeout = 60000, logger, stateManager }
+---@return LocalRuntime
+function LocalRuntime.new(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("LocalRuntime.new: expected a table of options or nil, got " .. describe(opts), 2)
+  end
+  opts = opts or {}
+  local known = { maxCallDepth = true, defaultTimeout = true, logger = true, stateManager = true }
+  for k in pairs(opts) do
+    if not known[k] then
+      error(format("LocalRuntime.new: unknown option %s (expected maxCallDepth, defaultTimeout, "
+        .. "logger, stateManager)", describe(k)), 2)
+    end
+  end
+  local depth = opts.maxCallDepth == nil and 10 or opts.maxCallDepth
+  if not is_posint(depth) then
+    error("LocalRuntime.new: expected maxCallDepth to be a positive integer, got " .. describe(depth), 2)
+  end
+  local tmo = opts.defaultTimeout == nil and 60000 or opts.defaultTimeout
+  if not is_posint(tmo) or tmo > UINT32_MAX then
+    error("LocalRuntime.new: expected defaultTimeout to be a positive integer (ms), got " .. describe(tmo), 2)
+  end
+  if opts.logger ~= nil then check_logger("LocalRuntime.new", opts.logger) end
+  local sm = opts.stateManager
+  if sm ~= nil and (type(sm) ~= "table" or type(sm.get) ~= "function" or type(sm.set) ~= "function") then
+    error("LocalRuntime.new: expected stateManager to have get/set methods, got " .. describe(sm), 2)
+  end
+  local self = setmetatable({
+    _maxCallDepth = depth,
+    _defaultTimeout = tmo,
+    _logger = opts.logger or log.createLogger({ source = "am2z" }),
+    _loggers = {},
+    _stateManager = sm or statem.MemoryStateManager.new(),
+    _processors = {},
+    _timeouts = {},
+    _listeners = {},
+    _active = {},
+    _cancelled = {},
+    _stats = { running = 0, completed = 0, failed = 0 },
+    _top = 0,
+    _stopWaiters = {},
+    _started = false,
+  }, LocalRuntime)
+  all_runtimes[self] = true
+  return self
+end
+
+-- ------------------------------------------------------------ registration
+
+local function register_one(self, def, seen)
+  if seen[def] then return end
+  seen[def] = true
+  for _, d in ipairs(def.deps or {}) do register_one(self, d, seen) end
+  -- Replacing a definition leaves executions already running on the old
+  -- one untouched: they hold the old table.
+  self._processors[def.name] = def
+end
+
+--- Registers a processor definition and its dependencies; replaces an existing name.
+---@param def table
+---@return LocalRuntime self
+function LocalRuntime:register(def)
+  if not processor.isDefinition(def) then
+    error("register: expected a processor definition (from createProcessor(...):process(fn) "
+      .. "or a composite), got " .. describe(def), 2)
+  end
+  register_one(self, def, {})
+  self._timeouts = {}
+  return self
+end
+
+---@param list table
+function LocalRuntime:registerMany(list)
+  if type(list) ~= "table" then
+    error("registerMany: expected a list of processor definitions, got " .. describe(list), 2)
+  end
+  for i, def in ipairs(list) do
+    if not processor.isDefinition(def) then
+      error(format("registerMany: expected list[%d] to be a processor definition, got %s", i,
+        describe(def)), 2)
+    end
+  end
+  for _, def in ipairs(list) do register_one(self, def, {}) end
+  self._timeouts = {}
+  return self
+end
+
+---@param name string
+---@return boolean removed
+function LocalRuntime:unregister(name)
+  if type(name) ~= "string" then
+    error("unregister: expected a processor name (string), got " .. describe(name), 2)
+  end
+  local had = self._processors[name] ~= nil
+  self._processors[name] = nil
+  self._timeouts = {}
+  return had
+end
+
+function LocalRuntime:isProcessorRegistered(name)
+  return self._processors[name] ~= nil
+end
+
+function LocalRuntime:getRegisteredProcessorNames()
+  local names = {}
+  for n in pairs(self._processors) do names[#names + 1] = n end
+  sort(names)
+  return names
+end
+
+function LocalRuntime:getProcessors()
+  local out = {}
+  for _, n in ipairs(self:getRegisteredProcessorNames()) do out[#out + 1] = self._processors[n] end
+  return out
+end
+
+--- Local processors are runnable as soon as they are registered; kept for
+--- parity with QueueRuntime, where it creates queues and workers.
+function LocalRuntime:syncProcessors()
+  return self
+end
+
+-- Effective timeout: explicit, else derived from the children (chain: sum,
+-- parallel/route: max, batch: its target's), else the runtime default.
+function LocalRuntime:_timeoutOf(def, depth)
+  local t = self._timeouts[def]
+  if t then return t end
+  depth = (depth or 0) + 1
+  t = def.config.timeout
+  if not t and depth < 50 then
+    local procs = self._processors
+    if def.type == "chain" then
+      t = 0
+      for _, c in ipairs(def.processors) do t = t + self:_timeoutOf(procs[c.name] or c, depth) end
+    elseif def.type == "parallel" or def.type == "router" then
+      t = 0
+      for _, c in ipairs(def.deps) do
+        local ct = self:_timeoutOf(procs[c.name] or c, depth)
+        if ct > t then t = ct end
+      end
+    elseif def.type == "batch" then
+      local target = procs[def.processorName]
+      t = target and self:_timeoutOf(target, depth) or self._defaultTimeout
+    end
+  end
+  if not t or t <= 0 then t = self._defaultTimeout end
+  if t > UINT32_MAX then t = UINT32_MAX end
+  self._timeouts[def] = t
+  return t
+end
+
+function LocalRuntime:_loggerFor(name)
+  local l = self._loggers[name]
+  if not l then
+    l = self._logger.withSource and self._logger:withSource(name) or self._logger
+    self._loggers[name] = l
+  end
+  return l
+end
+
+-- ------------------------------------------------------------ lifecycle
+
+--- Starts the runtime (twice is a no-op; after stop it starts again).
+function LocalRuntime:start()
+  if not self._started then
+    self._started = true
+    self._startedAt = core.now()
+  end
+  return self
+end
+
+local function cancel_all(self)
+  for eid, cid in pairs(self._active) do
+    self._cancelled[eid] = true
+    core.cancel(cid)
+  end
+end
+
+--- Stops: new executions are refused; in-flight ones may finish until the
+--- grace deadline, then are cancelled. Waits only inside an engine coroutine.
+---@param opts table|nil { graceMs = 5000 }
+function LocalRuntime:stop(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("stop: expected a table of options or nil, got " .. describe(opts), 2)
+  end
+  local grace = opts and opts.graceMs
+  if grace == nil then grace = 5000 end
+  if type(grace) ~= "number" or grace < 0 then
+    error("stop: expected graceMs to be a number >= 0, got " .. describe(grace), 2)
+  end
+  self._started = false
+  if self._top == 0 then return self end
+  if not core.in_exec() or grace == 0 then
+    cancel_all(self)
+    return self
+  end
+  local id = core.current()
+  local token = executor.newToken()
+  local waiters = self._stopWaiters
+  waiters[#waiters + 1] = { id, token }
+  local rt = self
+  local watchdog = core.spawn(function(ms)
+    if core.sleep(ms) then cancel_all(rt) end
+    return true
+  end, "watch", 0, 0, 1, grace)
+  core.wait_host(token)
+  core.cancel(watchdog)
+  return self
+end
+
+function LocalRuntime:_topDone()
+  self._top = self._top - 1
+  if self._top == 0 and #self._stopWaiters > 0 then
+    local w = self._stopWaiters
+    self._stopWaiters = {}
+    for _, x in ipairs(w) do core.complete_host(x[1], x[2]) end
+  end
+end
+
+-- ------------------------------------------------------------ execution
+
+local function check_exec_args(self, fname, name, state, sid)
+  if type(name) ~= "string" then
+    error(format("%s: expected a processor name (string), got %s", fname, describe(name)), 3)
+  end
+  if type(state) ~= "table" then
+    error(format("%s: expected a state table, got %s", fname, describe(state)), 3)
+  end
+  if sid ~= nil and (type(sid) ~= "string" or sid == "") then
+    error(format("%s: expected sessionId to be a non-empty string or nil, got %s", fname,
+      describe(sid)), 3)
+  end
+  if not self._started then
+    error(format("%s: the runtime is not started (call runtime:start() first)", fname), 3)
+  end
+end
+
+local function session_of(state, sid)
+  if sid then return sid end
+  local m = state.metadata
+  if type(m) == "table" and type(m.sessionId) == "string" and m.sessionId ~= "" then
+    return m.sessionId
+  end
+  return executor.newSessionId()
+end
+
+function LocalRuntime:_executeTop(name, state, sid, eid)
+  self._top = self._top + 1
+  local r = executor.invoke(self, name, state, sid, 0, eid)
+  if r.success then
+    local ok, e = pcall(self._stateManager.set, self._stateManager, sid, r.state)
+    if not ok then self._logger:warn("could not store session state", { error = tostring(e) }) end
+  end
+  self:_topDone()
+  return r
+end
+
+local function check_in_exec(fname)
+  if not core.in_exec() then
+    error(fname .. ": must be called inside an engine coroutine (am2z.run(fn), a processor, "
+      .. "or the main chunk of a script run by am2z-lua)", 3)
+  end
+end
+
+--- Executes a processor and waits for its result.
+---@param name string
+---@param state table
+---@param sessionId string|nil
+---@return table result { success, state, error, executionTime, metadata }
+function LocalRuntime:execute(name, state, sessionId)
+  check_exec_args(self, "execute", name, state, sessionId)
+  check_in_exec("execute")
+  return self:_executeTop(name, state, session_of(state, sessionId), executor.newExecutionId())
+end
+
+local function driver(rt, name, state, sid, eid)
+  local r = rt:_executeTop(name, state, sid, eid)
+  return r, true
+end
+
+--- Executes the processor once per state, concurrently; results in order.
+function LocalRuntime:executeMany(name, states, sessionId)
+  if type(states) ~= "table" then
+    error("executeMany: expected a list of state tables, got " .. describe(states), 2)
+  end
+  for i, s in ipairs(states) do
+    if type(s) ~= "table" then
+      error(format("executeMany: expected states[%d] to be a state table, got %s", i, describe(s)), 2)
+    end
+  end
+  check_exec_args(self, "executeMany", name, {}, sessionId)
+  check_in_exec("executeMany")
+  local index, results, n = {}, {}, #states
+  for i, s in ipairs(states) do
+    local id = core.spawn(driver, "child", 0, 0, 1, self, name, s, session_of(s, sessionId),
+      executor.newExecutionId())
+    index[id] = i
+  end
+  for _ = 1, n do
+    local id, status, r = core.wait_child()
+    if id == nil then
+      -- The caller was aborted: the drivers were cancelled with it.
+      local err = errors.fromCore(status or "ECANCELED", "executeMany interrupted: the caller was aborted")
+      for i = 1, n do
+        results[i] = results[i] or { success = false, error = err, state = states[i] }
+      end
+      return results
+    end
+    local i = index[id]
+    if type(r) ~= "table" then
+      r = { success = false, state = states[i],
+            error = errors.fromCore(status, "execution ended with " .. tostring(status)) }
+    end
+    results[i] = r
+  end
+  return results
+end
+
+local Handle = {}
+Handle.__index = Handle
+
+--- Waits for the execution started by executeAsync; returns its result.
+function Handle:wait()
+  if self._result then return self._result end
+  check_in_exec("handle:wait")
+  local status, r = core.wait(self._cid)
+  if self._result then return self._result end
+  if type(r) == "table" then return r end
+  if status == nil and r ~= "ENOTFOUND" then
+    return { success = false, error = errors.fromCore(r, "wait interrupted: the waiter was aborted") }
+  end
+  return { success = false, error = errors.fromCore(status or "ECANCELED", "execution ended without a result") }
+end
+
+--- Cancels the execution started by executeAsync.
+function Handle:cancel()
+  return self._rt:cancel(self.executionId)
+end
+
+--- Starts an execution without waiting; returns a handle { executionId, wait(), cancel() }.
+function LocalRuntime:executeAsync(name, state, sessionId)
+  check_exec_args(self, "executeAsync", name, state, sessionId)
+  local eid = executor.newExecutionId()
+  local h = setmetatable({ executionId = eid, _rt = self }, Handle)
+  local sid = session_of(state, sessionId)
+  local rt = self
+  -- A root, not a child of the caller: fire-and-forget must outlive it.
+  h._cid = core.spawn(function()
+    local r = rt:_executeTop(name, state, sid, eid)
+    h._result = r
+    return r, r.success
+  end, "root", 0, 0, 1)
+  return h
+end
+
+--- Cancels a running execution by id; it fails with CancelledError.
+---@return boolean cancelled false when no such execution is running
+function LocalRuntime:cancel(executionId)
+  if type(executionId) ~= "string" then
+    error("cancel: expected an execution id (string), got " .. describe(executionId), 2)
+  end
+  local cid = self._active[executionId]
+  if not cid then return false end
+  self._cancelled[executionId] = true
+  return core.cancel(cid)
+end
+
+---@return table|nil { state, version }
+function LocalRuntime:getState(sessionId)
+  if type(sessionId) ~= "string" then
+    error("getState: expected a session id (string), got " .. describe(sessionId), 2)
+  end
+  return self._stateManager:get(sessionId)
+end
+
+function LocalRuntime:getStats()
+  local s = self._stats
+  local e = core.stats()
+  return {
+    registeredProcessors = self:getRegisteredProcessorNames(),
+    runningJobs = s.running,
+    completedJobs = s.completed,
+    failedJobs = s.failed,
+    uptime = self._startedAt and (core.now() - self._startedAt) or 0,
+    engine = e,
+  }
+end
+
+-- ------------------------------------------------------------ events
+
+--- Subscribes fn to an event (processor:started|completed|failed|retrying,
+--- processor:progress, or a custom ctx:emit name).
+function LocalRuntime:on(event, fn)
+  if type(event) ~= "string" or event == "" then
+    error("on: expected an event name (non-empty string), got " .. describe(event), 2)
+  end
+  if type(fn) ~= "function" then
+    error("on: expected a listener function, got " .. describe(fn), 2)
+  end
+  local ls = self._listeners[event]
+  if not ls then
+    ls = {}
+    self._listeners[event] = ls
+  end
+  ls[#ls + 1] = fn
+  return self
+end
+
+function LocalRuntime:off(event, fn)
+  local ls = self._listeners[event]
+  if not ls then return self end
+  local keep = {}
+  for _, f in ipairs(ls) do
+    if f ~= fn then keep[#keep + 1] = f end
+  end
+  self._listeners[event] = #keep > 0 and keep or nil
+  return self
+end
+
+-- Listeners run synchronously; one that raises is logged and never breaks
+-- the execution that emitted the event.
+function LocalRuntime:_dispatch(event, payload, meta)
+  local ls = self._listeners[event]
+  if ls then
+    for i = 1, #ls do
+      local ok, e = pcall(ls[i], payload, meta)
+      if not ok then
+        self._logger:error(format("listener for %q raised an error", event), { error = tostring(e) })
+      end
+    end
+  end
+  if core.subscribers() > 0 then
+    local ok, json = pcall(require("cjson").encode, payload)
+    core.emit(event, ok and json or nil)
+  end
+end
+
+return M

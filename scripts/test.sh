@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The whole test suite: set-up and build, the C unit tests (ctest), then every
+# busted spec under LuaJIT with a throwaway redis-server on a free loopback
+# port. Ends with one line "N passed, N failed" over all suites and exits
+# non-zero if anything failed.
+#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh --asan          # same, built with ASan + UBSan
+#   bash scripts/test.sh spec/foo_spec.lua ...   # only these specs (still builds)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+ASAN=0
+SPECS=()
+for a in "$@"; do
+  case "$a" in
+    --asan) ASAN=1 ;;
+    *) SPECS+=("$a") ;;
+  esac
+done
+
+if [ $ASAN -eq 1 ]; then
+  export AM2Z_BUILD_DIR=build-asan
+  export AM2Z_CMAKE_ARGS="-DAM2Z_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug"
+  export AM2Z_TEST_TIMEOUT_MULT=${AM2Z_TEST_TIMEOUT_MULT:-3}
+fi
+BUILD_DIR="${AM2Z_BUILD_DIR:-build}"
+bash scripts/setup.sh || { echo "0 passed, 1 failed"; exit 1; }
+export AM2Z_BUILD_DIR="$BUILD_DIR"
+
+passed=0
+failed=0
+tmp=$(mktemp -d)
+redis_pid=""
+cleanup() {
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null; wait "$redis_pid" 2>/dev/null; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# ---- C unit tests
+if [ ${#SPECS[@]} -eq 0 ]; then
+  (cd "$BUILD_DIR" && ctest --output-on-failure) | tee "$tmp/ctest.log"
+  line=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$tmp/ctest.log" | tail -1)
+  if [ -n "$line" ]; then
+    total=$(echo "$line" | sed -E 's/.*out of ([0-9]+).*/\1/')
+    nf=$(echo "$line" | sed -E 's/.* ([0-9]+) tests failed.*/\1/')
+    passed=$((passed + total - nf))
+    failed=$((failed + nf))
+  else
+    failed=$((failed + 1))
+  fi
+fi
+
+# ---- throwaway redis-server on a free loopback port
+port=$(luajit -e 'math.randomseed(os.time()) print(20000 + math.random(0, 20000))')
+for _ in 1 2 3 4 5; do
+  if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then break; fi
+  port=$((port + 1))
+done
+if command -v redis-server >/dev/null; then
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+    --dir "$tmp" --daemonize no >"$tmp/redis.log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 1 50); do
+    if redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then break; fi
+    sleep 0.1
+  done
+  export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+fi
+
+# ---- busted specs (LuaJIT), TAP output so the counts can be added up
+export AM2Z_BIN="$PWD/$BUILD_DIR/bin/am2z-lua"
+export LUA_CPATH="$PWD/$BUILD_DIR/lib/?.so;;"
+PRELOAD=""
+if [ $ASAN -eq 1 ]; then
+  PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+  export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"
+fi
+if [ ${#SPECS[@]} -eq 0 ]; then SPECS=(spec); fi
+LD_PRELOAD="$PRELOAD" busted --lua=luajit --cpath="$BUILD_DIR/lib/?.so" -o TAP "${SPECS[@]}" \
+  2>&1 | tee "$tmp/busted.log"
+ok=$(grep -cE "^ok [0-9]+" "$tmp/busted.log")
+nok=$(grep -cE "^not ok [0-9]+" "$tmp/busted.log")
+plan=$(grep -E "^1\.\.[0-9]+" "$tmp/busted.log" | tail -1 | sed 's/1\.\.//')
+passed=$((passed + ok))
+failed=$((failed + nok))
+if [ -z "$plan" ]; then
+  echo "busted did not finish (no TAP plan line)"
+  failed=$((failed + 1))
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
