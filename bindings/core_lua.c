@@ -24,6 +24,32 @@
 
 /* Keys of our private registry entries: addresses are unique and cheap. */
 static char AM2Z_HOST_KEY;
+/* Yielded first by the trampoline when a body has returned, so the resume
+ * hook can tell "done, coroutine reusable" from a wait or a stray yield. */
+static char AM2Z_POOL_MARK;
+
+/* Idle coroutines kept for reuse: creating a coroutine per attempt and
+ * collecting it later was the largest single cost of a step. */
+#define AM2Z_POOL_MAX 1024
+#define AM2Z_SPAWN_MAX_ARGS 8
+
+/* Every body runs inside this loop; after each one it parks at a yield and
+ * can be handed the next body. The results travel through a shared box and
+ * every local is cleared before parking, so a pooled coroutine keeps
+ * nothing of its last job alive (only one body runs at a time, so one box
+ * serves all coroutines). */
+static const char TRAMPOLINE[] =
+    "local MARK, yield, box = ...\n"
+    "return function(fn, a1, a2, a3, a4, a5, a6, a7, a8)\n"
+    "  while true do\n"
+    "    local r1, r2 = fn(a1, a2, a3, a4, a5, a6, a7, a8)\n"
+    "    if r2 == nil then r2 = true end\n"
+    "    box[1], box[2] = r1, r2\n"
+    "    r1, r2 = nil, nil\n"
+    "    fn, a1, a2, a3, a4, a5, a6, a7, a8 = nil, nil, nil, nil, nil, nil, nil, nil, nil\n"
+    "    fn, a1, a2, a3, a4, a5, a6, a7, a8 = yield(MARK)\n"
+    "  end\n"
+    "end\n";
 
 /* Per-execution host record, in the space the core allocates with each
  * execution (exec_host_size). */
@@ -47,6 +73,10 @@ typedef struct {
     int            results_ref; /* registry: table of body results */
     int            cbs_ref;     /* registry: table of onAbort lists */
     int            errh_ref;    /* registry: error reporter, or LUA_NOREF */
+    int            pool_ref;    /* registry: stack of idle coroutines */
+    int            pool_n;
+    int            tramp_ref;   /* registry: the trampoline function */
+    int            box_ref;     /* registry: the trampoline's result box */
     int            in_run;      /* nested core.run guard */
     int            closing;     /* engine being freed: no Lua work any more */
     am2z_exec_t   *main_exec;   /* am2z_lua_spawn_main's, with a reference */
@@ -129,6 +159,21 @@ static void release_body(lhost_t *h, lexec_t *lx)
 {
     lx->co = NULL;
     reg_unref(h, host_L(h), h->threads_ref, &lx->co_ref);
+}
+
+/* The body returned through the trampoline: the coroutine is parked at its
+ * yield with an empty stack above it, ready for another body. */
+static void recycle_body(lhost_t *h, lexec_t *lx)
+{
+    lua_State *L = host_L(h);
+    if (h->pool_n < AM2Z_POOL_MAX && !h->closing) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->pool_ref);
+        lua_pushthread(lx->co);
+        lua_xmove(lx->co, L, 1);
+        lua_rawseti(L, -2, ++h->pool_n);
+        lua_pop(L, 1);
+    }
+    release_body(h, lx);
 }
 
 /* Stores the value at the top of `from` as the execution's result. */
@@ -259,6 +304,24 @@ static void host_resume(void *hostp, am2z_exec_t *x)
         int s = am2z_exec_state(x);
         if (s == AM2Z_EXEC_SUSPENDED || s == AM2Z_EXEC_READY)
             return;
+        if (lua_gettop(co) == 1 && lua_touserdata(co, 1) == &AM2Z_POOL_MARK) {
+            lua_State *L = host_L(h);
+            lua_settop(co, 0);
+            lua_rawgeti(L, LUA_REGISTRYINDEX, h->box_ref);
+            lua_rawgeti(L, -1, 2);
+            int ok = lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            lua_rawgeti(L, -1, 1);
+            lua_pushnil(L);
+            lua_rawseti(L, -3, 1);
+            lua_pushnil(L);
+            lua_rawseti(L, -3, 2);
+            lua_remove(L, -2);                  /* box */
+            store_result(h, lx, L);
+            recycle_body(h, lx);
+            am2z_exec_finish(x, ok ? AM2Z_OK : AM2Z_EFAILED);
+            return;
+        }
         /* A plain coroutine.yield from the body: nothing will ever resume
          * it, so fail the execution rather than leave it hanging. */
         lua_settop(co, 0);
@@ -423,20 +486,30 @@ static int l_spawn(lua_State *L)
     o.attempt = attempt;
     o.notify_parent = mode[0] == 'c';
 
-    /* Build the coroutine before the core owns anything, so a Lua memory
+    if (nargs > AM2Z_SPAWN_MAX_ARGS)
+        luaL_error(L, "core.spawn: at most %d arguments for the body", AM2Z_SPAWN_MAX_ARGS);
+
+    /* Get the coroutine before the core owns anything, so a Lua memory
      * error here cannot leak a record. */
-    lua_checkstack(L, 4);
+    lua_checkstack(L, nargs + 4);
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
-    co = lua_newthread(L);
+    if (h->pool_n > 0) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->pool_ref);
+        lua_rawgeti(L, -1, h->pool_n);
+        co = lua_tothread(L, -1);
+        lua_pushnil(L);
+        lua_rawseti(L, -3, h->pool_n--);
+        lua_remove(L, -2);
+    } else {
+        co = lua_newthread(L);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->tramp_ref);
+        lua_xmove(L, co, 1);
+    }
+    lua_checkstack(co, nargs + LUA_MINSTACK);
     lua_pushvalue(L, 1);
-    lua_xmove(L, co, 1);
-    for (int i = 0; i < nargs; i++) {
+    for (int i = 0; i < nargs; i++)
         lua_pushvalue(L, 6 + i);
-    }
-    if (nargs > 0) {
-        lua_checkstack(co, nargs + LUA_MINSTACK);
-        lua_xmove(L, co, nargs);
-    }
+    lua_xmove(L, co, nargs + 1);
     int co_ref = luaL_ref(L, -2);           /* pops the thread */
     lua_pop(L, 1);
 
@@ -452,7 +525,7 @@ static int l_spawn(lua_State *L)
     lx->co_ref = co_ref;
     lx->result_ref = LUA_NOREF;
     lx->abort_ref = LUA_NOREF;
-    lx->nargs = nargs;
+    lx->nargs = nargs + 1;                  /* fn + its arguments */
     lua_pushnumber(L, (lua_Number) am2z_exec_id(x));
     return 1;
 }
@@ -741,7 +814,13 @@ static int l_iso_now(lua_State *L)
     struct timeval tv;
     char buf[40];
 
-    gettimeofday(&tv, NULL);
+    if (lua_isnumber(L, 1)) {               /* a given wall-clock time, ms */
+        double ms = lua_tonumber(L, 1);
+        tv.tv_sec = (time_t) (ms / 1000);
+        tv.tv_usec = (suseconds_t) ((ms - (double) tv.tv_sec * 1000) * 1000);
+    } else {
+        gettimeofday(&tv, NULL);
+    }
     if (tv.tv_sec != cached_sec) {
         struct tm tm;
         gmtime_r(&tv.tv_sec, &tm);
@@ -865,6 +944,19 @@ static int l_set_error_handler(lua_State *L)
     return 0;
 }
 
+/* core.cancel_main() -> true when am2z-lua's main chunk was running and
+ * is now cancelled (its pending wait returns nil, ECANCELED). */
+static int l_cancel_main(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = h->main_exec;
+    int ok = x && !am2z_exec_is_settled(x) && am2z_exec_state(x) != AM2Z_EXEC_DONE;
+    if (ok)
+        am2z_exec_cancel(x, AM2Z_ECANCELED);
+    lua_pushboolean(L, ok);
+    return 1;
+}
+
 static int l_in_exec(lua_State *L)
 {
     lhost_t *h = HOST(L);
@@ -908,6 +1000,7 @@ static const luaL_Reg core_funcs[] = {
     { "subscribers", l_subscribers },
     { "set_error_handler", l_set_error_handler },
     { "in_exec", l_in_exec },
+    { "cancel_main", l_cancel_main },
     { NULL, NULL }
 };
 
@@ -954,6 +1047,19 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
         h->results_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         lua_newtable(L);
         h->cbs_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_newtable(L);
+        h->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        if (luaL_loadbuffer(L, TRAMPOLINE, sizeof(TRAMPOLINE) - 1, "=am2z.trampoline") != 0)
+            return lua_error(L);
+        lua_pushlightuserdata(L, &AM2Z_POOL_MARK);
+        lua_getglobal(L, "coroutine");
+        lua_getfield(L, -1, "yield");
+        lua_remove(L, -2);
+        lua_createtable(L, 2, 0);
+        lua_pushvalue(L, -1);
+        h->box_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_call(L, 3, 1);
+        h->tramp_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
         memset(&o, 0, sizeof(o));
         o.loop = loop;

@@ -12,18 +12,31 @@
 #include <assert.h>
 #include <stdint.h>
 
-/* A timer in the engine's heap. All sleeps and deadlines share one
- * uv_timer_t: arming a libuv handle per execution would cost an allocation
- * and a close-callback round trip each, and 100k sleepers would be 100k
- * handles on the loop. */
+/* Engine timers. All sleeps and deadlines share one uv_timer_t: a libuv
+ * handle per execution would cost an allocation and a close-callback round
+ * trip each, and 100k sleepers would be 100k handles on the loop.
+ *
+ * Timers are kept in one FIFO list per duration (most deadlines share the
+ * runtime's default timeout, most sleeps a few fixed values): with a
+ * monotonic clock a list is already in due order, so arming and disarming
+ * are O(1); only the lists' heads sit in a min-heap. */
 typedef struct am2z_timer_s am2z_timer_t;
+typedef struct am2z_tlist_s am2z_tlist_t;
 typedef void (*am2z_timer_cb)(am2z_timer_t *t);
 struct am2z_timer_s {
     double        due;        /* am2z_now_ms() time */
-    uint64_t      seq;        /* insertion order: ties fire FIFO, and a pass
+    uint64_t      seq;        /* arming order: ties fire FIFO, and a pass
                                * never fires timers armed during that pass */
-    uint32_t      heap_idx;   /* UINT32_MAX when not armed */
+    uint32_t      heap_idx;   /* UINT32_MAX when not armed, else 0 */
     am2z_timer_cb cb;
+    am2z_tlist_t *list;       /* borrowed: the list it is armed in */
+    am2z_timer_t *prev, *next;
+};
+struct am2z_tlist_s {
+    double        dur;        /* key: the timers' duration in ms */
+    am2z_timer_t *head, *tail;
+    uint32_t      heap_idx;   /* position in the engine's list heap */
+    uint32_t      slot;       /* position in the engine's list table */
 };
 
 enum { AM2Z_REQ_NONE = 0, AM2Z_REQ_SLEEP, AM2Z_REQ_CHILD, AM2Z_REQ_EXEC,
@@ -115,8 +128,10 @@ struct am2z_engine_s {
     int            resuming;
     int            closing;
 
-    am2z_timer_t **heap;          /* owned array of borrowed timers */
+    am2z_tlist_t **heap;          /* owned array: non-empty lists by head due */
     uint32_t       heap_len, heap_cap;
+    am2z_tlist_t **tlists;        /* owned array of owned lists (open addressing by dur) */
+    uint32_t       tlists_cap, tlists_len;
     uint64_t       timer_seq;
 
     size_t         exec_host_size;

@@ -19,18 +19,18 @@ double am2z_now_ms(void)
     return (double) uv_hrtime() / 1e6;
 }
 
-/* ---- timer heap --------------------------------------------------------- */
+/* ---- timers: per-duration FIFO lists, heads in a min-heap ---------------- */
 
-static int timer_before(const am2z_timer_t *a, const am2z_timer_t *b)
+static int list_before(const am2z_tlist_t *a, const am2z_tlist_t *b)
 {
-    if (a->due != b->due)
-        return a->due < b->due;
-    return a->seq < b->seq;
+    if (a->head->due != b->head->due)
+        return a->head->due < b->head->due;
+    return a->head->seq < b->head->seq;
 }
 
 static void heap_swap(am2z_engine_t *e, uint32_t i, uint32_t j)
 {
-    am2z_timer_t *t = e->heap[i];
+    am2z_tlist_t *t = e->heap[i];
     e->heap[i] = e->heap[j];
     e->heap[j] = t;
     e->heap[i]->heap_idx = i;
@@ -41,7 +41,7 @@ static void heap_up(am2z_engine_t *e, uint32_t i)
 {
     while (i > 0) {
         uint32_t p = (i - 1) / 2;
-        if (!timer_before(e->heap[i], e->heap[p]))
+        if (!list_before(e->heap[i], e->heap[p]))
             break;
         heap_swap(e, i, p);
         i = p;
@@ -52,9 +52,9 @@ static void heap_down(am2z_engine_t *e, uint32_t i)
 {
     for (;;) {
         uint32_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < e->heap_len && timer_before(e->heap[l], e->heap[m]))
+        if (l < e->heap_len && list_before(e->heap[l], e->heap[m]))
             m = l;
-        if (r < e->heap_len && timer_before(e->heap[r], e->heap[m]))
+        if (r < e->heap_len && list_before(e->heap[r], e->heap[m]))
             m = r;
         if (m == i)
             break;
@@ -63,9 +63,20 @@ static void heap_down(am2z_engine_t *e, uint32_t i)
     }
 }
 
+static void heap_remove(am2z_engine_t *e, uint32_t i)
+{
+    uint32_t last = --e->heap_len;
+    if (i != last) {
+        e->heap[i] = e->heap[last];
+        e->heap[i]->heap_idx = i;
+        heap_down(e, i);
+        heap_up(e, i);
+    }
+}
+
 static void heap_timer_cb(uv_timer_t *h);
 
-/* Re-arms the one libuv timer for the earliest heap entry. */
+/* Re-arms the one libuv timer for the earliest timer of all. */
 static void heap_rearm(am2z_engine_t *e)
 {
     if (e->heap_len == 0) {
@@ -75,57 +86,155 @@ static void heap_rearm(am2z_engine_t *e)
         }
         return;
     }
-    double due = e->heap[0]->due;
+    double due = e->heap[0]->head->due;
     if (e->heap_timer_due == due)
         return;
-    double now = am2z_now_ms();
+    double wait = due - am2z_now_ms();
     /* libuv timers have millisecond resolution and fire at or after their
      * due time; rounding up keeps a sleep from returning early. */
-    double wait = due - now;
     uint64_t ms = wait <= 0 ? 0 : (uint64_t) ceil(wait);
     uv_update_time(e->loop);
     uv_timer_start(&e->heap_timer, heap_timer_cb, ms, 0);
     e->heap_timer_due = due;
 }
 
+static uint32_t dur_slot(double dur, uint32_t mask)
+{
+    uint64_t k = (uint64_t) (dur * 1024.0);
+    k *= 0x9E3779B97F4A7C15ull;
+    return (uint32_t) (k >> 40) & mask;
+}
+
+static int tlists_grow(am2z_engine_t *e)
+{
+    uint32_t cap = e->tlists_cap ? e->tlists_cap * 2 : 16;
+    am2z_tlist_t **t = calloc(cap, sizeof(*t));
+    if (t == NULL)
+        return AM2Z_ENOMEM;
+    for (uint32_t i = 0; i < e->tlists_cap; i++) {
+        am2z_tlist_t *l = e->tlists[i];
+        if (l == NULL)
+            continue;
+        uint32_t j = dur_slot(l->dur, cap - 1);
+        while (t[j])
+            j = (j + 1) & (cap - 1);
+        t[j] = l;
+        l->slot = j;
+    }
+    free(e->tlists);
+    e->tlists = t;
+    e->tlists_cap = cap;
+    return AM2Z_OK;
+}
+
+static am2z_tlist_t *tlist_get(am2z_engine_t *e, double dur)
+{
+    uint32_t mask, j;
+    if ((e->tlists_len + 1) * 2 > e->tlists_cap && tlists_grow(e) != AM2Z_OK)
+        return NULL;
+    mask = e->tlists_cap - 1;
+    for (j = dur_slot(dur, mask); e->tlists[j]; j = (j + 1) & mask)
+        if (e->tlists[j]->dur == dur)
+            return e->tlists[j];
+    am2z_tlist_t *l = calloc(1, sizeof(*l));
+    if (l == NULL)
+        return NULL;
+    l->dur = dur;
+    l->heap_idx = UINT32_MAX;
+    l->slot = j;
+    e->tlists[j] = l;
+    e->tlists_len++;
+    return l;
+}
+
+/* An empty list is freed, so one-off durations (jittered backoffs) do not
+ * accumulate; the table uses backward-shift deletion to stay tombstone-free. */
+static void tlist_drop(am2z_engine_t *e, am2z_tlist_t *l)
+{
+    uint32_t mask = e->tlists_cap - 1, i = l->slot;
+    e->tlists[i] = NULL;
+    e->tlists_len--;
+    for (uint32_t j = (i + 1) & mask; e->tlists[j]; j = (j + 1) & mask) {
+        uint32_t home = dur_slot(e->tlists[j]->dur, mask);
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            e->tlists[i] = e->tlists[j];
+            e->tlists[i]->slot = i;
+            e->tlists[j] = NULL;
+            i = j;
+        }
+    }
+    free(l);
+}
+
 void am2z__timer_start(am2z_engine_t *e, am2z_timer_t *t, double ms, am2z_timer_cb cb)
 {
     if (t->heap_idx != UINT32_MAX)
         am2z__timer_stop(e, t);
+    if (ms < 0)
+        ms = 0;
+    am2z_tlist_t *l = tlist_get(e, ms);
+    if (l == NULL)
+        abort();            /* a lost timer would hang an execution forever */
     if (e->heap_len == e->heap_cap) {
         uint32_t cap = e->heap_cap ? e->heap_cap * 2 : 64;
-        am2z_timer_t **h = realloc(e->heap, cap * sizeof(*h));
+        am2z_tlist_t **h = realloc(e->heap, cap * sizeof(*h));
         if (h == NULL)
-            abort();            /* a lost timer would hang an execution forever */
+            abort();
         e->heap = h;
         e->heap_cap = cap;
     }
-    t->due = am2z_now_ms() + (ms < 0 ? 0 : ms);
+    t->due = am2z_now_ms() + ms;
     t->seq = e->timer_seq++;
     t->cb = cb;
-    t->heap_idx = e->heap_len;
-    e->heap[e->heap_len++] = t;
+    t->heap_idx = 0;
+    t->list = l;
+    t->next = NULL;
+    t->prev = l->tail;
+    /* The clock is monotonic, so appending keeps the list in due order. */
+    if (l->tail)
+        l->tail->next = t;
+    else
+        l->head = t;
+    l->tail = t;
     e->stats.timers++;
-    heap_up(e, t->heap_idx);
-    if (e->heap[0] == t)
-        heap_rearm(e);
+    if (l->heap_idx == UINT32_MAX) {
+        l->heap_idx = e->heap_len;
+        e->heap[e->heap_len++] = l;
+        heap_up(e, l->heap_idx);
+        if (e->heap[0] == l)
+            heap_rearm(e);
+    }
 }
 
 void am2z__timer_stop(am2z_engine_t *e, am2z_timer_t *t)
 {
-    uint32_t i = t->heap_idx;
-    if (i == UINT32_MAX)
+    am2z_tlist_t *l = t->list;
+    if (t->heap_idx == UINT32_MAX)
         return;
-    uint32_t last = --e->heap_len;
-    if (i != last) {
-        e->heap[i] = e->heap[last];
-        e->heap[i]->heap_idx = i;
-        heap_down(e, i);
-        heap_up(e, i);
-    }
+    int was_head = l->head == t;
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        l->head = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+    else
+        l->tail = t->prev;
+    t->prev = t->next = NULL;
+    t->list = NULL;
     t->heap_idx = UINT32_MAX;
     e->stats.timers--;
-    if (i == 0)
+    if (!was_head)
+        return;
+    int was_top = l->heap_idx == 0;
+    if (l->head == NULL) {
+        heap_remove(e, l->heap_idx);
+        l->heap_idx = UINT32_MAX;
+        tlist_drop(e, l);
+    } else {
+        heap_down(e, l->heap_idx);
+    }
+    if (was_top)
         heap_rearm(e);
 }
 
@@ -139,7 +248,7 @@ static void heap_timer_cb(uv_timer_t *h)
 
     e->heap_timer_due = -1;
     while (e->heap_len > 0) {
-        am2z_timer_t *t = e->heap[0];
+        am2z_timer_t *t = e->heap[0]->head;
         if (t->due > now || t->seq >= seq_limit)
             break;
         am2z__timer_stop(e, t);
@@ -374,6 +483,9 @@ void am2z_engine_free(am2z_engine_t *e)
             uv_run(e->loop, UV_RUN_NOWAIT);
     }
     free(e->heap);
+    for (uint32_t i = 0; i < e->tlists_cap; i++)
+        free(e->tlists[i]);
+    free(e->tlists);
     free(e->subs);
     free(e->idmap);
     free(e);

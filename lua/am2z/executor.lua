@@ -26,7 +26,11 @@ local traceback = debug.traceback
 
 local copy_state = statem.copy
 local bump = statem._bump
-local spawn, wait, now, wall_ms = core.spawn, core.wait, core.now, core.wall_ms
+local spawn, wait, now = core.spawn, core.wait, core.now
+local subscribers = core.subscribers
+-- Wall-clock ms derived from the monotonic clock: one clock read per
+-- execution instead of two.
+local wall_offset = core.wall_ms() - now()
 
 local ProcessorExecutionError = errors.ProcessorExecutionError
 local TimeoutError, CancelledError = errors.TimeoutError, errors.CancelledError
@@ -62,7 +66,7 @@ end
 -- Builds the payload only when somebody listens: events are on every step.
 local function emit(rt, name, def, eid, sid, attempt, extra)
   local ls = rt._listeners[name]
-  if ls == nil and core.subscribers() == 0 then return end
+  if ls == nil and subscribers() == 0 then return end
   local payload = {
     processorName = def and def.name, executionId = eid, sessionId = sid, attempt = attempt,
   }
@@ -191,7 +195,7 @@ end
 
 local function failed(err, state)
   local ps = type(err) == "table" and type(err.details) == "table" and err.details.partialState
-  return { success = false, error = err, state = ps or state }
+  return { success = false, error = err, state = ps or state, executionTime = 0, metadata = false }
 end
 
 -- Turns whatever the body returned into an attempt result.
@@ -217,6 +221,8 @@ local function normalize(def, eid, input, ok, ret)
         format("processor '%s' returned Success with %s instead of a state table", name,
           describe(out))), input), false
     end
+    -- Copied, not just checked: the body may keep a reference to what it
+    -- returned, and neither the runtime's bump nor the caller may change it.
     local c, msg, path = copy_state(out)
     if c == nil then
       return failed(errors.ValidationError(path, nil,
@@ -230,8 +236,9 @@ local function normalize(def, eid, input, ok, ret)
           format("output of '%s': %s", name, vmsg)), input), false
       end
     end
-    if def.type == "processor" then bump(c) end
-    return { success = true, state = c }, true
+    if def.type == "processor" then bump(c, now() + wall_offset) end
+    -- All result fields up front: finish() fills them without a rehash.
+    return { success = true, state = c, executionTime = 0, metadata = false }, true
   end
   local err = ret.error
   if err == nil then
@@ -244,10 +251,9 @@ end
 
 -- The body of one attempt: runs in its own engine coroutine.
 local function attempt_body(rt, def, input, eid, sid, attempt, depth, timeout)
-  local cid = core.current()
   local ctx = setmetatable({
-    _rt = rt, _def = def, _cid = cid, _eid = eid, _sid = sid, _attempt = attempt,
-    _startedAt = wall_ms(), _timeout = timeout, _ncalls = 0, callDepth = depth,
+    _rt = rt, _def = def, _cid = core.current(), _eid = eid, _sid = sid, _attempt = attempt,
+    _startedAt = now() + wall_offset, _timeout = timeout, _ncalls = 0, callDepth = depth,
   }, Ctx)
   return normalize(def, eid, input, xpcall(def.fn, on_raise, input, ctx))
 end
@@ -288,7 +294,8 @@ end
 --- Executes processor `name` on `state` from the current engine coroutine.
 --- Returns an execution result; never raises for runtime conditions.
 invoke = function(rt, name, state, sid, depth, eid)
-  local t0, startedAt = now(), wall_ms()
+  local t0 = now()
+  local startedAt = t0 + wall_offset
   local def = rt._processors[name]
   if def == nil then
     return finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
@@ -382,7 +389,7 @@ invoke = function(rt, name, state, sid, depth, eid)
     attempt = attempt + 1
   end
   active[eid] = nil
-  rt._cancelled[eid] = nil
+  if rt._cancelled[eid] then rt._cancelled[eid] = nil end
   stats.running = stats.running - 1
   return finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
 end

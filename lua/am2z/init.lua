@@ -129,6 +129,8 @@ function am2z._onSignal(name)
         if not ok then io.stderr:write("am2z: stopping a runtime failed: ", tostring(e), "\n") end
       end
     end
+    -- Then the script itself: its pending wait returns a CancelledError.
+    core.cancel_main()
     return true
   end, "root", 0, 0, 1)
 end

@@ -64,26 +64,27 @@ function M.checkRetryPolicy(fname, p, level)
     backoffMs = p.backoffMs == nil and 1000 or p.backoffMs,
     backoffMultiplier = p.backoffMultiplier == nil and 2 or p.backoffMultiplier,
     maxBackoffMs = p.maxBackoffMs,
-    jitter = p.jitter == nil and false or p.jitter,
+    jitter = p.jitter,
     shouldRetry = p.shouldRetry, onRetry = p.onRetry, onExhausted = p.onExhausted,
   }
   if not is_posint(out.maxAttempts) then
     error(format("%s: expected maxAttempts to be a positive integer, got %s", fname,
       describe(p.maxAttempts)), level)
   end
-  if type(out.backoffMs) ~= "number" or out.backoffMs < 0 or out.backoffMs == huge then
+  if type(out.backoffMs) ~= "number" or not (out.backoffMs >= 0) or out.backoffMs == huge then
     error(format("%s: expected backoffMs to be a number >= 0 (ms), got %s", fname,
       describe(p.backoffMs)), level)
   end
-  if type(out.backoffMultiplier) ~= "number" or out.backoffMultiplier < 1
+  if type(out.backoffMultiplier) ~= "number" or not (out.backoffMultiplier >= 1)
       or out.backoffMultiplier == huge then
     error(format("%s: expected backoffMultiplier to be a number >= 1, got %s", fname,
       describe(p.backoffMultiplier)), level)
   end
-  if out.maxBackoffMs ~= nil and (type(out.maxBackoffMs) ~= "number" or out.maxBackoffMs < 0) then
+  if out.maxBackoffMs ~= nil and (type(out.maxBackoffMs) ~= "number" or not (out.maxBackoffMs >= 0)) then
     error(format("%s: expected maxBackoffMs to be a number >= 0 (ms), got %s", fname,
       describe(p.maxBackoffMs)), level)
   end
+  if out.jitter == nil then out.jitter = false end
   if type(out.jitter) ~= "boolean" then
     error(format("%s: expected jitter to be a boolean, got %s", fname, describe(p.jitter)), level)
   end

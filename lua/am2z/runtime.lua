@@ -85,6 +85,7 @@ function LocalRuntime.new(opts)
     _cancelled = {},
     _stats = { running = 0, completed = 0, failed = 0 },
     _top = 0,
+    _queued = {},     -- executionId -> handle, for executeAsync bodies not started yet
     _stopWaiters = {},
     _started = false,
   }, LocalRuntime)
@@ -216,7 +217,25 @@ function LocalRuntime:start()
   return self
 end
 
+-- An executeAsync body that has not started yet never will once cancelled
+-- (the engine does not start bodies of cancelled executions), so its
+-- result and bookkeeping are settled here.
+local function cancel_queued(self, eid)
+  local h = self._queued[eid]
+  if not h then return false end
+  self._queued[eid] = nil
+  self._active[eid] = nil
+  core.cancel(h._cid)
+  h._result = { success = false, executionTime = 0,
+    error = errors.CancelledError("Execution " .. eid .. " was cancelled before it started", "cancelled"),
+    metadata = { executionId = eid } }
+  self._stats.failed = self._stats.failed + 1
+  self:_topDone()
+  return true
+end
+
 local function cancel_all(self)
+  for eid in pairs(self._queued) do cancel_queued(self, eid) end
   for eid, cid in pairs(self._active) do
     self._cancelled[eid] = true
     core.cancel(cid)
@@ -291,9 +310,17 @@ local function session_of(state, sid)
   return executor.newSessionId()
 end
 
-function LocalRuntime:_executeTop(name, state, sid, eid)
-  self._top = self._top + 1
-  local r = executor.invoke(self, name, state, sid, 0, eid)
+-- `counted`: executeAsync counted this execution as in flight already, when
+-- it was queued, so stop() bounds it even before its body starts.
+function LocalRuntime:_executeTop(name, state, sid, eid, counted)
+  if not counted then self._top = self._top + 1 end
+  -- invoke does not raise for runtime conditions; a raise here is a bug,
+  -- and it must not leave stop() waiting for an execution that is gone.
+  local ok, r = pcall(executor.invoke, self, name, state, sid, 0, eid)
+  if not ok then
+    r = { success = false, state = state, executionTime = 0, metadata = { executionId = eid },
+          error = errors.ProcessorExecutionError(name, eid, r, { reason = "internal error" }) }
+  end
   if r.success then
     local ok, e = pcall(self._stateManager.set, self._stateManager, sid, r.state)
     if not ok then self._logger:warn("could not store session state", { error = tostring(e) }) end
@@ -366,6 +393,13 @@ end
 local Handle = {}
 Handle.__index = Handle
 
+local function async_driver(rt, name, state, sid, eid, h)
+  rt._queued[eid] = nil
+  local r = rt:_executeTop(name, state, sid, eid, true)
+  h._result = r
+  return r, r.success
+end
+
 --- Waits for the execution started by executeAsync; returns its result.
 function Handle:wait()
   if self._result then return self._result end
@@ -392,11 +426,11 @@ function LocalRuntime:executeAsync(name, state, sessionId)
   local sid = session_of(state, sessionId)
   local rt = self
   -- A root, not a child of the caller: fire-and-forget must outlive it.
-  h._cid = core.spawn(function()
-    local r = rt:_executeTop(name, state, sid, eid)
-    h._result = r
-    return r, r.success
-  end, "root", 0, 0, 1)
+  h._cid = core.spawn(async_driver, "root", 0, 0, 1, rt, name, state, sid, eid, h)
+  -- In flight from now on: cancel() and stop() reach it before it starts.
+  self._top = self._top + 1
+  self._active[eid] = h._cid
+  self._queued[eid] = h
   return h
 end
 
@@ -406,6 +440,7 @@ function LocalRuntime:cancel(executionId)
   if type(executionId) ~= "string" then
     error("cancel: expected an execution id (string), got " .. describe(executionId), 2)
   end
+  if cancel_queued(self, executionId) then return true end
   local cid = self._active[executionId]
   if not cid then return false end
   self._cancelled[executionId] = true

@@ -20,6 +20,8 @@ local floor = math.floor
 local format = string.format
 local json_null = cjson.null
 
+local ok_tnew, tnew = pcall(require, "table.new")
+if not ok_tnew then tnew = function() return {} end end
 local ok_nkeys, nkeys = pcall(require, "table.nkeys")
 if not ok_nkeys then
   nkeys = function(t)
@@ -61,7 +63,7 @@ local function copy_table(t, depth)
     return {}
   end
   if n > 0 and total == n then
-    local out = {}
+    local out = tnew(n, 0)
     for i = 1, n do
       local v = t[i]
       if v == nil then
@@ -82,7 +84,7 @@ local function copy_table(t, depth)
     end
     return out
   end
-  local out = {}
+  local out = tnew(0, total)
   for k, v in next, t do
     if type(k) ~= "string" then
       if type(k) == "number" then
@@ -126,6 +128,66 @@ copy_value = function(v, depth)
   return nil, "", "a " .. tv
 end
 
+-- Validation without the copy: same rules, same messages, no allocation on
+-- the success path. Used for outputs, which the runtime takes over as they
+-- are (the body that produced them has returned).
+local check_value
+local function check_table(t, depth)
+  if depth > MAX_DEPTH then
+    return "", "a cycle or nesting deeper than " .. MAX_DEPTH .. " levels"
+  end
+  local n = #t
+  local total = nkeys(t)
+  if total == 0 then return nil end
+  if n > 0 and total == n then
+    for i = 1, n do
+      local v = t[i]
+      if v == nil then
+        return "[" .. i .. "]", "a hole in an array (sparse arrays cannot be JSON)"
+      end
+      local tv = type(v)
+      if tv ~= "string" and tv ~= "boolean" then
+        local p, w = check_value(v, depth + 1)
+        if p then return key_path(i, p), w end
+      end
+    end
+    return nil
+  end
+  for k, v in next, t do
+    if type(k) ~= "string" then
+      if type(k) == "number" then
+        return key_path(k, ""),
+          (k == floor(k) and k > 0) and "an array index mixed with string keys or a sparse array"
+          or "a non-integer number key"
+      end
+      return "[" .. tostring(k) .. "]", "a key of type " .. type(k)
+    end
+    local tv = type(v)
+    if tv ~= "string" and tv ~= "boolean" then
+      local p, w = check_value(v, depth + 1)
+      if p then return key_path(k, p), w end
+    end
+  end
+  return nil
+end
+
+check_value = function(v, depth)
+  local tv = type(v)
+  if tv == "table" then
+    return check_table(v, depth)
+  elseif tv == "string" or tv == "boolean" then
+    return nil
+  elseif tv == "number" then
+    if v ~= v or v == huge or v == -huge then
+      return "", "the number " .. tostring(v)
+    end
+    return nil
+  elseif v == json_null then
+    return nil
+  end
+  return "", "a " .. tv
+end
+
 local function find_cycle(v, seen, path)
   if type(v) ~= "table" then return nil end
   if seen[v] then return path end
@@ -139,6 +201,17 @@ local function find_cycle(v, seen, path)
   return nil
 end
 
+local function explain(v, path, what)
+  if what and what:find("^a cycle") then
+    local cp = find_cycle(v, {}, "")
+    if cp then
+      path, what = cp, "a cycle (this table contains itself)"
+    end
+  end
+  local shown = (path == nil or path == "") and "state" or path
+  return format("%s: cannot be represented in JSON (%s)", shown, what), shown
+end
+
 --- Deep copy with JSON semantics.
 ---@param v any
 ---@return any|nil copy
@@ -147,14 +220,20 @@ end
 function M.copy(v)
   local c, path, what = copy_value(v, 0)
   if c ~= nil then return c end
-  if what and what:find("^a cycle") then
-    local cp = find_cycle(v, {}, "")
-    if cp then
-      path, what = cp, "a cycle (this table contains itself)"
-    end
-  end
-  local shown = (path == nil or path == "") and "state" or path
-  return nil, format("%s: cannot be represented in JSON (%s)", shown, what), shown
+  local msg, shown = explain(v, path, what)
+  return nil, msg, shown
+end
+
+--- Checks that v could cross a JSON boundary, without copying it.
+---@param v any
+---@return boolean ok
+---@return string|nil message
+---@return string|nil path
+function M.check(v)
+  local path, what = check_value(v, 0)
+  if path == nil then return true end
+  local msg, shown = explain(v, path, what)
+  return false, msg, shown
 end
 
 --- Deep copy without validation, for values already known to be JSON-clean.
@@ -214,14 +293,23 @@ function M.updateStateMetadata(state)
   return s
 end
 
--- In place, on a state the runtime owns (a fresh copy): the per-step bump
--- without another copy.
-function M._bump(state)
+-- The timestamp string is formatted once per millisecond: a runtime stamps
+-- every step, and formatting dominated the bump.
+local last_ms, last_iso = -1, nil
+local iso_now = core.iso_now
+
+-- In place, on a state the runtime owns: the per-step bump without a copy.
+-- wall_ms is the current wall-clock time in ms (the caller has it already).
+function M._bump(state, wall_ms)
   local m = state.metadata
   if type(m) == "table" then
     local v = m.version
     m.version = (type(v) == "number" and v or 0) + 1
-    m.lastUpdated = core.iso_now()
+    local ms = floor(wall_ms)
+    if ms ~= last_ms then
+      last_ms, last_iso = ms, iso_now(ms)
+    end
+    m.lastUpdated = last_iso
   end
 end
 
