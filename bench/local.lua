@@ -139,20 +139,27 @@ report("3-way parallel, sequential", N_PAR, N_PAR * 3, par_ms, base)
 collectgarbage("collect")
 local rss_before = rss_kib("VmRSS")
 local sleepers = {}
-local sleep_ms = 1000
+local sleep_ms = 2000
 t0 = now()
 for i = 1, N_SLEEP do
-  sleepers[i] = rt:executeAsync("nap", { ms = sleep_ms, i = i })
+  sleepers[i] = rt:executeAsync("nap", { ms = sleep_ms })
 end
 local started_ms = now() - t0
+-- Let every body reach its sleep, then read RSS with all of them asleep.
+am2z.sleep(sleep_ms / 2)
+local asleep = core.stats().timers
+local rss_asleep = rss_kib("VmRSS")
 local ok = 0
 for i = 1, N_SLEEP do
   if sleepers[i]:wait().success then ok = ok + 1 end
+  sleepers[i] = nil
 end
 local total_ms = now() - t0
 if ok ~= N_SLEEP then error(("only %d of %d sleepers succeeded"):format(ok, N_SLEEP)) end
 print(string.format("%d concurrent sleeping executions: started in %.0f ms, all done in %.0f ms (sleep %d ms)",
   N_SLEEP, started_ms, total_ms, sleep_ms))
-print(string.format("peak RSS %.1f MiB (RSS before the sleepers %.1f MiB)",
-  rss_kib("VmHWM") / 1024, rss_before / 1024))
+print(string.format("RSS with all %d asleep: %.1f MiB (%.2f KiB each; %d timers armed); before: %.1f MiB",
+  N_SLEEP, rss_asleep / 1024, (rss_asleep - rss_before) / N_SLEEP, asleep, rss_before / 1024))
+print(string.format("peak RSS of the whole run %.1f MiB (includes the finished results held by the handles)",
+  rss_kib("VmHWM") / 1024))
 rt:stop()

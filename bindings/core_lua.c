@@ -31,7 +31,9 @@ static char AM2Z_POOL_MARK;
 /* Idle coroutines kept for reuse: creating a coroutine per attempt and
  * collecting it later was the largest single cost of a step. */
 #define AM2Z_POOL_MAX 1024
-#define AM2Z_SPAWN_MAX_ARGS 8
+/* Bodies take few arguments (callers pack the rest in a table): the
+ * trampoline's frame width is paid in stack slots by every coroutine. */
+#define AM2Z_SPAWN_MAX_ARGS 4
 
 /* Every body runs inside this loop; after each one it parks at a yield and
  * can be handed the next body. The results travel through a shared box and
@@ -40,27 +42,54 @@ static char AM2Z_POOL_MARK;
  * serves all coroutines). */
 static const char TRAMPOLINE[] =
     "local MARK, yield, box = ...\n"
-    "return function(fn, a1, a2, a3, a4, a5, a6, a7, a8)\n"
+    "return function(fn, a1, a2, a3, a4)\n"
     "  while true do\n"
-    "    local r1, r2 = fn(a1, a2, a3, a4, a5, a6, a7, a8)\n"
+    "    local r1, r2 = fn(a1, a2, a3, a4)\n"
     "    if r2 == nil then r2 = true end\n"
     "    box[1], box[2] = r1, r2\n"
     "    r1, r2 = nil, nil\n"
-    "    fn, a1, a2, a3, a4, a5, a6, a7, a8 = nil, nil, nil, nil, nil, nil, nil, nil, nil\n"
-    "    fn, a1, a2, a3, a4, a5, a6, a7, a8 = yield(MARK)\n"
+    "    fn, a1, a2, a3, a4 = nil, nil, nil, nil, nil\n"
+    "    fn, a1, a2, a3, a4 = yield(MARK)\n"
     "  end\n"
     "end\n";
 
 /* Per-execution host record, in the space the core allocates with each
  * execution (exec_host_size). */
 typedef struct {
-    lua_State *co;          /* borrowed: anchored by co_ref; NULL once the body ended */
-    int        co_ref;      /* in the host's threads table; LUA_NOREF when released */
-    int        result_ref;  /* in the results table; LUA_NOREF when none */
+    lua_State *co;          /* borrowed: anchored at threads[tslot]; NULL once the body ended */
+    int        tslot;       /* slot in the threads table; 0 when none */
+    int        rslot;       /* slot in the results table; 0 when none */
     int        abort_ref;   /* onAbort callbacks table in the callbacks table */
+    int        cslot;       /* continuation { fn, a1, a2 } in the conts table; 0 when none */
     int        nargs;       /* arguments waiting on co's stack for the first resume */
     int        started;
 } lexec_t;
+
+/* Slot numbers for our private tables, recycled through a free stack kept
+ * in C: one table write per store instead of luaL_ref's four table
+ * operations (it keeps its free list inside the table). */
+typedef struct {
+    int *free;                  /* owned */
+    int  n, cap, next;
+} slots_t;
+
+static int slot_alloc(slots_t *s)
+{
+    return s->n > 0 ? s->free[--s->n] : ++s->next;
+}
+
+static void slot_free(slots_t *s, int slot)
+{
+    if (s->n == s->cap) {
+        int cap = s->cap ? s->cap * 2 : 256;
+        int *f = realloc(s->free, (size_t) cap * sizeof(*f));
+        if (f == NULL)
+            return;             /* the slot is lost, not reused: harmless */
+        s->free = f;
+        s->cap = cap;
+    }
+    s->free[s->n++] = slot;
+}
 
 typedef struct {
     am2z_engine_t *e;           /* owned */
@@ -73,10 +102,14 @@ typedef struct {
     int            results_ref; /* registry: table of body results */
     int            cbs_ref;     /* registry: table of onAbort lists */
     int            errh_ref;    /* registry: error reporter, or LUA_NOREF */
-    int            pool_ref;    /* registry: stack of idle coroutines */
+    slots_t        tslots;      /* slots of the threads table */
+    slots_t        rslots;      /* slots of the results table */
+    int            pool[AM2Z_POOL_MAX];  /* tslots of parked, reusable coroutines */
     int            pool_n;
     int            tramp_ref;   /* registry: the trampoline function */
     int            box_ref;     /* registry: the trampoline's result box */
+    int            conts_ref;   /* registry: continuations waiting for a settlement */
+    slots_t        cslots;
     int            in_run;      /* nested core.run guard */
     int            closing;     /* engine being freed: no Lua work any more */
     am2z_exec_t   *main_exec;   /* am2z_lua_spawn_main's, with a reference */
@@ -158,49 +191,74 @@ static int traceback_handler(lua_State *L)
 static void release_body(lhost_t *h, lexec_t *lx)
 {
     lx->co = NULL;
-    reg_unref(h, host_L(h), h->threads_ref, &lx->co_ref);
+    if (lx->tslot == 0)
+        return;
+    if (!h->closing) {
+        lua_State *L = host_L(h);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, lx->tslot);
+        lua_pop(L, 1);
+        slot_free(&h->tslots, lx->tslot);
+    }
+    lx->tslot = 0;
 }
 
 /* The body returned through the trampoline: the coroutine is parked at its
  * yield with an empty stack above it, ready for another body. */
 static void recycle_body(lhost_t *h, lexec_t *lx)
 {
-    lua_State *L = host_L(h);
-    if (h->pool_n < AM2Z_POOL_MAX && !h->closing) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, h->pool_ref);
-        lua_pushthread(lx->co);
-        lua_xmove(lx->co, L, 1);
-        lua_rawseti(L, -2, ++h->pool_n);
-        lua_pop(L, 1);
+    if (h->pool_n < AM2Z_POOL_MAX && !h->closing && lx->tslot) {
+        /* It stays anchored in its threads slot; only the slot moves. */
+        h->pool[h->pool_n++] = lx->tslot;
+        lx->tslot = 0;
+        lx->co = NULL;
+        return;
     }
     release_body(h, lx);
+}
+
+static void result_clear(lhost_t *h, lua_State *L, lexec_t *lx)
+{
+    if (lx->rslot == 0)
+        return;
+    if (!h->closing) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, lx->rslot);
+        lua_pop(L, 1);
+        slot_free(&h->rslots, lx->rslot);
+    }
+    lx->rslot = 0;
 }
 
 /* Stores the value at the top of `from` as the execution's result. */
 static void store_result(lhost_t *h, lexec_t *lx, lua_State *from)
 {
     lua_State *L = host_L(h);
-    if (lx->result_ref != LUA_NOREF)
-        reg_unref(h, L, h->results_ref, &lx->result_ref);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
-    if (from == L) {
-        lua_insert(L, -2);
-    } else {
+    result_clear(h, L, lx);
+    if (from != L)
         lua_xmove(from, L, 1);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return;
     }
-    lx->result_ref = luaL_ref(L, -2);
+    lx->rslot = slot_alloc(&h->rslots);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
+    lua_insert(L, -2);
+    lua_rawseti(L, -2, lx->rslot);
     lua_pop(L, 1);
 }
 
 static void push_result(lhost_t *h, lua_State *L, am2z_exec_t *x)
 {
     lexec_t *lx = LX(x);
-    if (lx->result_ref == LUA_NOREF || lx->result_ref == LUA_REFNIL) {
+    if (lx->rslot == 0) {
         lua_pushnil(L);
         return;
     }
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->results_ref);
-    lua_rawgeti(L, -1, lx->result_ref);
+    lua_rawgeti(L, -1, lx->rslot);
     lua_remove(L, -2);
 }
 
@@ -367,10 +425,19 @@ static void host_release(void *hostp, am2z_exec_t *x)
 
     if (h->closing)
         return;
-    lx->co = NULL;
-    reg_unref(h, L, h->threads_ref, &lx->co_ref);
-    reg_unref(h, L, h->results_ref, &lx->result_ref);
+    release_body(h, lx);
+    result_clear(h, L, lx);
     reg_unref(h, L, h->cbs_ref, &lx->abort_ref);
+    if (lx->cslot) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->conts_ref);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, 2 * lx->cslot - 1);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, 2 * lx->cslot);
+        lua_pop(L, 1);
+        slot_free(&h->cslots, lx->cslot);
+        lx->cslot = 0;
+    }
 }
 
 /* Runs the execution's onAbort callbacks, once, at the moment of abort. */
@@ -454,6 +521,127 @@ static int fail(lua_State *L, int rc)
 
 /* ---- Lua functions ------------------------------------------------------ */
 
+/* Creates an execution whose body is the function at `fidx` called with
+ * the `nargs` values from `aidx` on (both on L's stack, left in place).
+ * Raises only before the core owns anything (Lua memory errors). */
+static int spawn_body(lhost_t *h, lua_State *L, int fidx, int aidx, int nargs,
+                      am2z_exec_t *parent, const am2z_exec_opts_t *o, am2z_exec_t **out)
+{
+    am2z_exec_t *x;
+    lua_State *co;
+    int rc, tslot;
+
+    /* Get the coroutine before the core owns anything, so a Lua memory
+     * error here cannot leak a record. */
+    lua_checkstack(L, nargs + 4);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
+    if (h->pool_n > 0) {
+        tslot = h->pool[--h->pool_n];
+        lua_rawgeti(L, -1, tslot);
+        co = lua_tothread(L, -1);
+        lua_pop(L, 1);
+    } else {
+        co = lua_newthread(L);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->tramp_ref);
+        lua_xmove(L, co, 1);
+        tslot = slot_alloc(&h->tslots);
+        lua_rawseti(L, -2, tslot);           /* pops the thread */
+    }
+    lua_pop(L, 1);
+    lua_checkstack(co, nargs + LUA_MINSTACK);
+    lua_pushvalue(L, fidx);
+    for (int i = 0; i < nargs; i++)
+        lua_pushvalue(L, aidx + i);
+    lua_xmove(L, co, nargs + 1);
+
+    rc = am2z_exec_new(h->e, parent, o, &x);
+    if (rc != AM2Z_OK) {
+        /* Never started: drop it rather than park a coroutine whose stack
+         * holds a body it will not run. */
+        lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
+        lua_pushnil(L);
+        lua_rawseti(L, -2, tslot);
+        lua_pop(L, 1);
+        slot_free(&h->tslots, tslot);
+        return rc;
+    }
+    lexec_t *lx = LX(x);
+    lx->co = co;
+    lx->tslot = tslot;
+    lx->rslot = 0;
+    lx->cslot = 0;
+    lx->abort_ref = LUA_NOREF;
+    lx->nargs = nargs + 1;                  /* fn + its arguments */
+    *out = x;
+    return AM2Z_OK;
+}
+
+/* Settled hook: starts the execution's continuation, if it has one, as a
+ * new root execution fn(a1, a2, status, result). */
+static void host_settled(void *hostp, am2z_exec_t *x)
+{
+    lhost_t *h = hostp;
+    lexec_t *lx = LX(x);
+    am2z_exec_opts_t o;
+    am2z_exec_t *k;
+    lua_State *L;
+    int base;
+
+    if (lx->cslot == 0 || h->closing)
+        return;
+    L = host_L(h);
+    base = lua_gettop(L);
+    lua_checkstack(L, 8);
+    /* conts[2k-1] = fn, conts[2k] = arg: no table per continuation. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->conts_ref);
+    lua_rawgeti(L, base + 1, 2 * lx->cslot - 1);
+    lua_rawgeti(L, base + 1, 2 * lx->cslot);
+    lua_pushnil(L);
+    lua_rawseti(L, base + 1, 2 * lx->cslot - 1);
+    lua_pushnil(L);
+    lua_rawseti(L, base + 1, 2 * lx->cslot);
+    slot_free(&h->cslots, lx->cslot);
+    lx->cslot = 0;
+    lua_pushnil(L);
+    push_status(L, am2z_exec_settled_status(x));
+    push_result(h, L, x);
+    memset(&o, 0, sizeof(o));
+    o.attempt = 1;
+    if (spawn_body(h, L, base + 2, base + 3, 4, NULL, &o, &k) != AM2Z_OK)
+        fprintf(stderr, "am2z: could not start a continuation (engine closing?)\n");
+    lua_settop(L, base);
+}
+
+/* core.on_settle(id, fn, arg?) -> true | false (unknown id)
+ * When the execution settles, fn(arg, nil, status, result) runs as a new
+ * root execution (at once if it has settled already). One per execution. */
+static int l_on_settle(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_exec_t *x = am2z_exec_find(h->e, check_id(L, 1));
+    lexec_t *lx;
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_settop(L, 3);
+    if (x == NULL) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    lx = LX(x);
+    if (lx->cslot)
+        return luaL_error(L, "core.on_settle: execution already has a continuation");
+    lx->cslot = slot_alloc(&h->cslots);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, h->conts_ref);
+    lua_pushvalue(L, 2);
+    lua_rawseti(L, -2, 2 * lx->cslot - 1);
+    lua_pushvalue(L, 3);
+    lua_rawseti(L, -2, 2 * lx->cslot);
+    lua_pop(L, 1);
+    if (am2z_exec_is_settled(x))
+        host_settled(h, x);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* core.spawn(fn, mode, timeout_ms, depth, attempt, ...) -> id
  * mode: "child" (settles into the caller's wait_child), "watch" (a child
  * for cancellation only; wait with core.wait), "root" (no parent). */
@@ -467,7 +655,6 @@ static int l_spawn(lua_State *L)
     int nargs = lua_gettop(L) - 5;
     am2z_exec_t *parent = NULL, *x;
     am2z_exec_opts_t o;
-    lua_State *co;
     int rc;
 
     luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -488,44 +675,9 @@ static int l_spawn(lua_State *L)
 
     if (nargs > AM2Z_SPAWN_MAX_ARGS)
         luaL_error(L, "core.spawn: at most %d arguments for the body", AM2Z_SPAWN_MAX_ARGS);
-
-    /* Get the coroutine before the core owns anything, so a Lua memory
-     * error here cannot leak a record. */
-    lua_checkstack(L, nargs + 4);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
-    if (h->pool_n > 0) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, h->pool_ref);
-        lua_rawgeti(L, -1, h->pool_n);
-        co = lua_tothread(L, -1);
-        lua_pushnil(L);
-        lua_rawseti(L, -3, h->pool_n--);
-        lua_remove(L, -2);
-    } else {
-        co = lua_newthread(L);
-        lua_rawgeti(L, LUA_REGISTRYINDEX, h->tramp_ref);
-        lua_xmove(L, co, 1);
-    }
-    lua_checkstack(co, nargs + LUA_MINSTACK);
-    lua_pushvalue(L, 1);
-    for (int i = 0; i < nargs; i++)
-        lua_pushvalue(L, 6 + i);
-    lua_xmove(L, co, nargs + 1);
-    int co_ref = luaL_ref(L, -2);           /* pops the thread */
-    lua_pop(L, 1);
-
-    rc = am2z_exec_new(h->e, parent, &o, &x);
-    if (rc != AM2Z_OK) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, h->threads_ref);
-        luaL_unref(L, -1, co_ref);
-        lua_pop(L, 1);
+    rc = spawn_body(h, L, 1, 6, nargs, parent, &o, &x);
+    if (rc != AM2Z_OK)
         return fail(L, rc);
-    }
-    lexec_t *lx = LX(x);
-    lx->co = co;
-    lx->co_ref = co_ref;
-    lx->result_ref = LUA_NOREF;
-    lx->abort_ref = LUA_NOREF;
-    lx->nargs = nargs + 1;                  /* fn + its arguments */
     lua_pushnumber(L, (lua_Number) am2z_exec_id(x));
     return 1;
 }
@@ -887,8 +1039,8 @@ static int l_debug_counts(lua_State *L)
     lua_setfield(L, -2, "execs");
     lua_pushnumber(L, (lua_Number) s.timers);
     lua_setfield(L, -2, "timers");
-    /* Anchored coroutines and stored results, counted the slow way: this
-     * is for tests. */
+    /* Coroutines in use and stored results, counted the slow way: this is
+     * for tests. */
     const int refs[2] = { h->threads_ref, h->results_ref };
     const char *names[2] = { "threads", "results" };
     for (int k = 0; k < 2; k++) {
@@ -896,12 +1048,12 @@ static int l_debug_counts(lua_State *L)
         lua_rawgeti(L, LUA_REGISTRYINDEX, refs[k]);
         lua_pushnil(L);
         while (lua_next(L, -2)) {
-            if (lua_type(L, -2) == LUA_TNUMBER && lua_tonumber(L, -2) > 0
-                && !lua_isnumber(L, -1))
-                n++;
+            n++;
             lua_pop(L, 1);
         }
         lua_pop(L, 1);
+        if (k == 0)
+            n -= h->pool_n;             /* parked coroutines are not in use */
         lua_pushinteger(L, n);
         lua_setfield(L, -2, names[k]);
     }
@@ -973,6 +1125,9 @@ static int host_gc(lua_State *L)
         h->closing = 1;
         am2z_engine_free(h->e);
         h->e = NULL;
+        free(h->tslots.free);
+        free(h->rslots.free);
+        free(h->cslots.free);
     }
     return 0;
 }
@@ -983,6 +1138,7 @@ static const luaL_Reg core_funcs[] = {
     { "sleep", l_sleep },
     { "yield", l_yield },
     { "cancel", l_cancel },
+    { "on_settle", l_on_settle },
     { "wait_host", l_wait_host },
     { "complete_host", l_complete_host },
     { "aborted", l_aborted },
@@ -1048,7 +1204,7 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
         lua_newtable(L);
         h->cbs_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         lua_newtable(L);
-        h->pool_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        h->conts_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         if (luaL_loadbuffer(L, TRAMPOLINE, sizeof(TRAMPOLINE) - 1, "=am2z.trampoline") != 0)
             return lua_error(L);
         lua_pushlightuserdata(L, &AM2Z_POOL_MARK);
@@ -1067,6 +1223,7 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
         o.hooks.resume = host_resume;
         o.hooks.release = host_release;
         o.hooks.abort = host_abort;
+        o.hooks.settled = host_settled;
         o.exec_host_size = sizeof(lexec_t);
         if (am2z_engine_new(&o, &h->e) != AM2Z_OK)
             return luaL_error(L, "am2z.core: could not create the engine (libuv failed)");

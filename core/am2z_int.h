@@ -80,7 +80,8 @@ struct am2z_exec_s {
     uint64_t       wake_gen;      /* gen the wake was posted for */
 
     am2z_timer_t   deadline;
-    double         started_at;    /* am2z_now_ms() at first resume, 0 before */
+    double         created_at;    /* am2z_now_ms() when created */
+    int            started;       /* the body has been resumed at least once */
 
     /* Tree. parent is borrowed: a parent that is freed first detaches its
      * children (parent = NULL). */
@@ -142,6 +143,10 @@ struct am2z_engine_s {
     uint64_t       next_exec_id;
     uint64_t       next_token;
     am2z_exec_t   *all;           /* list of live records */
+    /* Freed records kept for reuse (linked through all_next): an attempt
+     * is created per step, and malloc/free showed in profiles. */
+    am2z_exec_t   *spare;
+    unsigned       spare_n;
     am2z_stats_t   stats;
 
     am2z_sub_t    *subs;          /* owned */
@@ -153,6 +158,9 @@ struct am2z_engine_s {
 /* engine.c */
 void am2z__post(am2z_exec_t *x);
 void am2z__timer_start(am2z_engine_t *e, am2z_timer_t *t, double ms, am2z_timer_cb cb);
+/* Same, with the current time already read by the caller. */
+void am2z__timer_start_at(am2z_engine_t *e, am2z_timer_t *t, double now, double ms,
+                          am2z_timer_cb cb);
 void am2z__timer_stop(am2z_engine_t *e, am2z_timer_t *t);
 
 int  am2z__idmap_put(am2z_engine_t *e, am2z_exec_t *x);

@@ -87,7 +87,10 @@ static void heap_rearm(am2z_engine_t *e)
         return;
     }
     double due = e->heap[0]->head->due;
-    if (e->heap_timer_due == due)
+    /* Armed for the same time or earlier: leave it. An early firing finds
+     * nothing due and re-arms; that is cheaper than re-arming (a clock read
+     * and a libuv heap operation) every time the earliest timer moves. */
+    if (e->heap_timer_due >= 0 && e->heap_timer_due <= due)
         return;
     double wait = due - am2z_now_ms();
     /* libuv timers have millisecond resolution and fire at or after their
@@ -168,6 +171,12 @@ static void tlist_drop(am2z_engine_t *e, am2z_tlist_t *l)
 
 void am2z__timer_start(am2z_engine_t *e, am2z_timer_t *t, double ms, am2z_timer_cb cb)
 {
+    am2z__timer_start_at(e, t, am2z_now_ms(), ms, cb);
+}
+
+void am2z__timer_start_at(am2z_engine_t *e, am2z_timer_t *t, double now, double ms,
+                          am2z_timer_cb cb)
+{
     if (t->heap_idx != UINT32_MAX)
         am2z__timer_stop(e, t);
     if (ms < 0)
@@ -183,7 +192,7 @@ void am2z__timer_start(am2z_engine_t *e, am2z_timer_t *t, double ms, am2z_timer_
         e->heap = h;
         e->heap_cap = cap;
     }
-    t->due = am2z_now_ms() + ms;
+    t->due = now + ms;
     t->seq = e->timer_seq++;
     t->cb = cb;
     t->heap_idx = 0;
@@ -314,7 +323,7 @@ static void drain_cb(uv_idle_t *h)
             continue;
         assert(!e->resuming);
         if (x->state == AM2Z_EXEC_NEW) {
-            x->started_at = am2z_now_ms();
+            x->started = 1;
             e->stats.started++;
             e->stats.running++;
         }
@@ -481,6 +490,11 @@ void am2z_engine_free(am2z_engine_t *e)
         /* Anything an embedder or the host left open on our loop. */
         while (uv_loop_close(e->loop) == UV_EBUSY)
             uv_run(e->loop, UV_RUN_NOWAIT);
+    }
+    while (e->spare) {
+        am2z_exec_t *x = e->spare;
+        e->spare = x->all_next;
+        free(x);
     }
     free(e->heap);
     for (uint32_t i = 0; i < e->tlists_cap; i++)

@@ -45,7 +45,7 @@ int      am2z_exec_aborted(const am2z_exec_t *x) { return x->aborted; }
 
 double am2z_exec_elapsed_ms(const am2z_exec_t *x)
 {
-    return x->started_at > 0 ? am2z_now_ms() - x->started_at : 0;
+    return am2z_now_ms() - x->created_at;
 }
 
 static void child_link(am2z_exec_t *parent, am2z_exec_t *c)
@@ -87,9 +87,16 @@ int am2z_exec_new(am2z_engine_t *e, am2z_exec_t *parent,
         return AM2Z_ECLOSED;
     if (parent && (parent->engine != e || parent->state == AM2Z_EXEC_DONE))
         return AM2Z_ESTATE;
-    x = calloc(1, sizeof(*x) + e->exec_host_size);
-    if (x == NULL)
-        return AM2Z_ENOMEM;
+    if (e->spare) {
+        x = e->spare;
+        e->spare = x->all_next;
+        e->spare_n--;
+        memset(x, 0, sizeof(*x) + e->exec_host_size);
+    } else {
+        x = calloc(1, sizeof(*x) + e->exec_host_size);
+        if (x == NULL)
+            return AM2Z_ENOMEM;
+    }
     x->engine = e;
     x->id = e->next_exec_id++;
     if (am2z__idmap_put(e, x) != AM2Z_OK) {
@@ -100,6 +107,7 @@ int am2z_exec_new(am2z_engine_t *e, am2z_exec_t *parent,
     x->state = AM2Z_EXEC_NEW;
     x->deadline.heap_idx = UINT32_MAX;
     x->req.timer.heap_idx = UINT32_MAX;
+    x->created_at = am2z_now_ms();
     if (opts) {
         x->depth = opts->depth;
         x->attempt = opts->attempt;
@@ -113,7 +121,7 @@ int am2z_exec_new(am2z_engine_t *e, am2z_exec_t *parent,
     if (parent)
         child_link(parent, x);
     if (opts && opts->timeout_ms)
-        am2z__timer_start(e, &x->deadline, opts->timeout_ms, deadline_cb);
+        am2z__timer_start_at(e, &x->deadline, x->created_at, opts->timeout_ms, deadline_cb);
     *out = x;
     am2z__post(x);
     /* A parent that is already aborted must not get fresh work done on its
@@ -342,6 +350,8 @@ void am2z_exec_settle(am2z_exec_t *x, int status)
         am2z_exec_t *w = x->waiters;      /* req_complete unlinks it */
         req_complete(w, AM2Z_OK);
     }
+    if (e->hooks.settled && !e->closing)
+        e->hooks.settled(e->host, x);
 }
 
 void am2z_exec_cancel(am2z_exec_t *x, int reason)
@@ -419,7 +429,7 @@ void am2z_exec_finish(am2z_exec_t *x, int status)
         am2z_exec_unref(x->wake.target);
         x->wake.target = NULL;
     }
-    if (x->started_at > 0)
+    if (x->started)
         e->stats.running--;
     x->state = AM2Z_EXEC_DONE;
     am2z__timer_stop(e, &x->deadline);
@@ -448,7 +458,13 @@ static void exec_free(am2z_exec_t *x)
     if (e->hooks.release)
         e->hooks.release(e->host, x);
     e->stats.live--;
-    free(x);
+    if (e->spare_n < 4096 && !e->closing) {
+        x->all_next = e->spare;
+        e->spare = x;
+        e->spare_n++;
+    } else {
+        free(x);
+    }
 }
 
 /* Engine shutdown: every body is abandoned (the host drops its coroutine in
@@ -472,7 +488,7 @@ void am2z__exec_kill_all(am2z_engine_t *e)
         x->waiters = NULL;
         x->inbox_head = x->inbox_tail = x->inbox_next = NULL;
         x->parent = x->first_child = x->next_sib = x->prev_sib = NULL;
-        if (x->state != AM2Z_EXEC_DONE && x->started_at > 0)
+        if (x->state != AM2Z_EXEC_DONE && x->started)
             e->stats.running--;
         x->state = AM2Z_EXEC_DONE;
     }

@@ -87,6 +87,10 @@ typedef struct {
      * exactly once per execution, synchronously, possibly while another body
      * is running on the loop thread; must not resume anything. May be NULL. */
     void (*abort)(void *host, am2z_exec_t *exec, int reason);
+    /* The execution's outcome was just decided (am2z_exec_settled_status).
+     * Runs exactly once, after the parent and waiters were notified; must
+     * not resume anything (it may create and post executions). May be NULL. */
+    void (*settled)(void *host, am2z_exec_t *exec);
 } am2z_hooks_t;
 
 typedef struct {

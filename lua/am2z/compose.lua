@@ -134,8 +134,8 @@ M.defaultMerge = default_merge
 
 -- Branch driver: one per concurrent child, so the fan-out can wait for
 -- whichever finishes first.
-local function branch_body(rt, name, state, sid, depth, eid)
-  local r = executor.invoke(rt, name, state, sid, depth, eid)
+local function branch_body(ctx, c, i)
+  local r = executor.invoke(ctx._rt, c.name, c.state, c.sid, ctx.callDepth + 1, ctx._eid .. "." .. i)
   return r, r.success
 end
 
@@ -143,11 +143,9 @@ end
 -- output states in order, or nil + (index, failed result) for the first
 -- failure to occur, after cancelling the others.
 local function fan_out(ctx, calls)
-  local rt, depth, base = ctx._rt, ctx.callDepth + 1, ctx._eid
   local index, pending = {}, #calls
   for i, c in ipairs(calls) do
-    local id = core.spawn(branch_body, "child", 0, ctx.callDepth, 1,
-      rt, c.name, c.state, c.sid, depth, base .. "." .. i)
+    local id = core.spawn(branch_body, "child", 0, ctx.callDepth, 1, ctx, c, i)
     index[id] = i
   end
   local out = {}

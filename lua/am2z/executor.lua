@@ -120,9 +120,9 @@ function ctx_methods.call(self, name, state)
   if type(state) ~= "table" then
     error("ctx:call: expected a state table, got " .. type(state), 2)
   end
-  local n = self._ncalls + 1
-  self._ncalls = n
-  return invoke(self._rt, name, state, self._sid, self.callDepth + 1, self._eid .. "." .. n)
+  local n = self[9] + 1
+  self[9] = n
+  return invoke(self[1], name, state, self[5], self[10] + 1, self[4] .. "." .. n)
 end
 
 --- Suspends for ms; true, or nil + TimeoutError/CancelledError when aborted.
@@ -140,7 +140,7 @@ function ctx_methods.emit(self, event, data)
   if type(event) ~= "string" or event == "" then
     error("ctx:emit: expected an event name (non-empty string), got " .. type(event), 2)
   end
-  local rt = self._rt
+  local rt = self[1]
   if rt._listeners[event] == nil and core.subscribers() == 0 then return end
   rt:_dispatch(event, data, self.meta)
 end
@@ -150,30 +150,42 @@ function ctx_methods.updateProgress(self, p)
   if not ((type(p) == "number" and p >= 0 and p <= 100) or type(p) == "table") then
     error("ctx:updateProgress: expected a number from 0 to 100 or a table, got " .. tostring(p), 2)
   end
-  self._progress = p
-  emit(self._rt, "processor:progress", self._def, self._eid, self._sid, self._attempt,
+  rawset(self, "progress", p)
+  emit(self[1], "processor:progress", self[2], self[4], self[5], self[6],
     { progress = p })
 end
 
--- The less common fields are built on first use: most steps never touch
--- them, and 100k sleeping executions should not each carry a logger.
+-- A context keeps its internals in its array part (slots below), which is
+-- a third of the memory of named fields: it is allocated on every step and
+-- 100k sleeping executions each hold one. The public fields are built on
+-- first use; most steps never touch them.
+local CTX_RT, CTX_DEF, CTX_CID, CTX_EID, CTX_SID, CTX_ATTEMPT, CTX_STARTED, CTX_TIMEOUT =
+  1, 2, 3, 4, 5, 6, 7, 8
+local ctx_private = { _rt = CTX_RT, _def = CTX_DEF, _cid = CTX_CID, _eid = CTX_EID, _sid = CTX_SID,
+                      _attempt = CTX_ATTEMPT, _startedAt = CTX_STARTED, _timeout = CTX_TIMEOUT,
+                      _ncalls = 9 }
 Ctx.__index = function(self, k)
   local m = ctx_methods[k]
   if m then return m end
   if k == "log" then
-    local l = self._rt:_loggerFor(self._def.name)
+    local l = self[CTX_RT]:_loggerFor(self[CTX_DEF].name)
     rawset(self, "log", l)
     return l
   elseif k == "meta" then
-    local meta = { processorName = self._def.name, executionId = self._eid,
-                   sessionId = self._sid, attempt = self._attempt, startedAt = self._startedAt }
+    local meta = { processorName = self[CTX_DEF].name, executionId = self[CTX_EID],
+                   sessionId = self[CTX_SID], attempt = self[CTX_ATTEMPT],
+                   startedAt = self[CTX_STARTED] }
     rawset(self, "meta", meta)
     return meta
   elseif k == "signal" then
-    local s = setmetatable({ _cid = self._cid, _name = self._def.name, _timeout = self._timeout }, Signal)
+    local s = setmetatable({ _cid = self[CTX_CID], _name = self[CTX_DEF].name,
+                             _timeout = self[CTX_TIMEOUT] }, Signal)
     rawset(self, "signal", s)
     return s
   end
+  if k == "callDepth" then return self[10] end
+  local slot = ctx_private[k]
+  if slot then return self[slot] end
   return nil
 end
 
@@ -236,7 +248,6 @@ local function normalize(def, eid, input, ok, ret)
           format("output of '%s': %s", name, vmsg)), input), false
       end
     end
-    if def.type == "processor" then bump(c, now() + wall_offset) end
     -- All result fields up front: finish() fills them without a rehash.
     return { success = true, state = c, executionTime = 0, metadata = false }, true
   end
@@ -250,12 +261,17 @@ local function normalize(def, eid, input, ok, ret)
 end
 
 -- The body of one attempt: runs in its own engine coroutine.
-local function attempt_body(rt, def, input, eid, sid, attempt, depth, timeout)
-  local ctx = setmetatable({
-    _rt = rt, _def = def, _cid = core.current(), _eid = eid, _sid = sid, _attempt = attempt,
-    _startedAt = now() + wall_offset, _timeout = timeout, _ncalls = 0, callDepth = depth,
-  }, Ctx)
-  return normalize(def, eid, input, xpcall(def.fn, on_raise, input, ctx))
+-- The spawner builds ctx (and fills in its execution id once spawned), so
+-- the body's frame stays small: every sleeping execution pays for its
+-- coroutine's stack.
+local function attempt_body(ctx, input)
+  local def = ctx[2]
+  return normalize(def, ctx[4], input, xpcall(def.fn, on_raise, input, ctx))
+end
+
+-- Array part only: LuaJIT allocates it together with the table header.
+local function new_ctx(rt, def, eid, sid, attempt, startedAt, timeout, depth)
+  return setmetatable({ rt, def, false, eid, sid, attempt, startedAt, timeout, 0, depth }, Ctx)
 end
 
 -- A backoff wait that runtime:cancel can interrupt (it cancels this child).
@@ -267,11 +283,15 @@ end
 -- ------------------------------------------------------------------ invoke
 
 local function finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
-  result.executionTime = now() - t0
+  local t1 = now()
+  result.executionTime = t1 - t0
   result.metadata = { processorName = name, executionId = eid, sessionId = sid,
                       attempt = attempt, startedAt = startedAt }
   local stats = rt._stats
   if result.success then
+    -- One version per successful plain step (composites add none), stamped
+    -- with the time read for executionTime anyway.
+    if def.type == "processor" then bump(result.state, t1 + wall_offset) end
     stats.completed = stats.completed + 1
     emit(rt, "processor:completed", def or { name = name }, eid, sid, attempt,
       { executionTime = result.executionTime })
@@ -291,98 +311,122 @@ local function call_hook(rt, what, fn, ...)
   return ok, e
 end
 
---- Executes processor `name` on `state` from the current engine coroutine.
---- Returns an execution result; never raises for runtime conditions.
-invoke = function(rt, name, state, sid, depth, eid)
-  local t0 = now()
-  local startedAt = t0 + wall_offset
+-- Checks that happen before any attempt. Returns def, input, or nil and a
+-- finished failed result.
+local function precheck(rt, name, state, sid, depth, eid, t0, startedAt)
   local def = rt._processors[name]
   if def == nil then
-    return finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
+    return nil, finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
       state), nil, name, eid, sid, 1, t0, startedAt)
   end
   if depth > rt._maxCallDepth then
-    return finish(rt, failed(errors.CallDepthExceededError(
+    return nil, finish(rt, failed(errors.CallDepthExceededError(
       format("Call depth %d exceeds the maximum of %d (calling '%s')", depth, rt._maxCallDepth, name),
       rt._maxCallDepth, depth), state), def, name, eid, sid, 1, t0, startedAt)
   end
   local input, msg, path = copy_state(state)
   if input == nil then
-    return finish(rt, failed(errors.ValidationError(path, nil, msg), state),
+    return nil, finish(rt, failed(errors.ValidationError(path, nil, msg), state),
       def, name, eid, sid, 1, t0, startedAt)
   end
   local schema = def.stateSchema
   if schema then
     local vok, vmsg, vpath = schema:validate(input)
     if not vok then
-      return finish(rt, failed(errors.ValidationError(vpath or "state", nil,
+      return nil, finish(rt, failed(errors.ValidationError(vpath or "state", nil,
         format("input of '%s': %s", name, vmsg)), input), def, name, eid, sid, 1, t0, startedAt)
     end
   end
+  return def, input
+end
+
+-- What one attempt's settlement means as a result.
+local function attempt_result(name, eid, status, res, input, timeout)
+  if status == "OK" or status == "EFAILED" then
+    if type(res) == "table" then return res end
+    return failed(ProcessorExecutionError(name, eid, res or "execution body failed"), input)
+  elseif status == "ETIMEDOUT" then
+    return failed(TimeoutError(format("Processor '%s' timed out after %dms", name, timeout),
+      timeout), input)
+  end
+  return failed(CancelledError(format("Processor '%s' was cancelled", name), "cancelled"), input)
+end
+
+-- After a failed attempt: the delay before the next one, or nil when this
+-- was the last (runs shouldRetry/onRetry/onExhausted, emits retrying).
+local function retry_delay(rt, def, eid, sid, attempt, result)
+  local policy = def.config.retryPolicy
+  if result.success or policy == nil then return nil end
+  local err = result.error
+  if attempt >= policy.maxAttempts or rt._cancelled[eid] or errors.is(err, CancelledError) then
+    if attempt > 1 and policy.onExhausted and not rt._cancelled[eid] then
+      call_hook(rt, "onExhausted", policy.onExhausted, err, attempt)
+    end
+    return nil
+  end
+  local retry
+  if policy.shouldRetry then
+    local ok, r = call_hook(rt, "shouldRetry", policy.shouldRetry, err, attempt)
+    retry = ok and r and true or false
+  else
+    retry = errors.isRetryableError(err)
+  end
+  if not retry then
+    if policy.onExhausted and attempt > 1 then
+      call_hook(rt, "onExhausted", policy.onExhausted, err, attempt)
+    end
+    return nil
+  end
+  local delay = core.retry_delay(policy.maxAttempts, policy.backoffMs, policy.backoffMultiplier,
+    policy.maxBackoffMs or 0, policy.jitter, attempt, random())
+  emit(rt, "processor:retrying", def, eid, sid, attempt, { delayMs = delay, error = err })
+  if policy.onRetry then call_hook(rt, "onRetry", policy.onRetry, err, attempt) end
+  return delay
+end
+
+local function cancelled_waiting(name, input)
+  return failed(CancelledError(format("Execution of '%s' was cancelled while waiting to retry",
+    name), "cancelled"), input)
+end
+
+--- Executes processor `name` on `state` from the current engine coroutine.
+--- Returns an execution result; never raises for runtime conditions.
+invoke = function(rt, name, state, sid, depth, eid)
+  local t0 = now()
+  local startedAt = t0 + wall_offset
+  local def, input = precheck(rt, name, state, sid, depth, eid, t0, startedAt)
+  if def == nil then return input end
 
   local timeout = rt:_timeoutOf(def)
-  local policy = def.config.retryPolicy
   local active = rt._active
   local stats = rt._stats
   stats.running = stats.running + 1
   local attempt, result = 1, nil
   while true do
     emit(rt, "processor:started", def, eid, sid, attempt)
+    local ctx = new_ctx(rt, def, eid, sid, attempt,
+      attempt == 1 and startedAt or now() + wall_offset, timeout, depth)
     local cid = spawn(attempt_body, "watch", timeout, depth, attempt,
-      rt, def, attempt == 1 and input or copy_state(state), eid, sid, attempt, depth, timeout)
+      ctx, attempt == 1 and input or copy_state(state))
+    ctx[3] = cid
     active[eid] = cid
     local status, res = wait(cid)
-    if status == "OK" or status == "EFAILED" then
-      if type(res) == "table" then
-        result = res
-      else
-        result = failed(ProcessorExecutionError(name, eid, res or "execution body failed"), input)
-      end
-    elseif status == "ETIMEDOUT" then
-      result = failed(TimeoutError(format("Processor '%s' timed out after %dms", name, timeout),
-        timeout), input)
-    elseif status == "ECANCELED" then
-      result = failed(CancelledError(format("Processor '%s' was cancelled", name), "cancelled"), input)
-    else
+    if status == nil then
       -- Our own wait was cut short: the caller itself is being aborted, and
       -- the attempt (our child) was cancelled with it.
       result = failed(errors.fromCore(res or "ECANCELED",
         format("Execution of '%s' was interrupted: its caller was aborted", name)), input)
       break
     end
-    if result.success or policy == nil or attempt >= policy.maxAttempts
-        or rt._cancelled[eid] or errors.is(result.error, CancelledError) then
-      if policy and not result.success and attempt > 1 and policy.onExhausted
-          and not rt._cancelled[eid] then
-        call_hook(rt, "onExhausted", policy.onExhausted, result.error, attempt)
-      end
-      break
-    end
-    local err = result.error
-    local retry
-    if policy.shouldRetry then
-      local ok, r = call_hook(rt, "shouldRetry", policy.shouldRetry, err, attempt)
-      retry = ok and r and true or false
-    else
-      retry = errors.isRetryableError(err)
-    end
-    if not retry then
-      if policy.onExhausted and attempt > 1 then
-        call_hook(rt, "onExhausted", policy.onExhausted, err, attempt)
-      end
-      break
-    end
-    local delay = core.retry_delay(policy.maxAttempts, policy.backoffMs, policy.backoffMultiplier,
-      policy.maxBackoffMs or 0, policy.jitter, attempt, random())
-    emit(rt, "processor:retrying", def, eid, sid, attempt, { delayMs = delay, error = err })
-    if policy.onRetry then call_hook(rt, "onRetry", policy.onRetry, err, attempt) end
+    result = attempt_result(name, eid, status, res, input, timeout)
+    local delay = retry_delay(rt, def, eid, sid, attempt, result)
+    if delay == nil then break end
     if delay > 0 then
       local bid = spawn(backoff_body, "watch", 0, depth, attempt, delay)
       active[eid] = bid
       local bst, bres = wait(bid)
       if bst ~= "OK" or not bres then
-        result = failed(CancelledError(format("Execution of '%s' was cancelled while waiting to retry",
-          name), "cancelled"), input)
+        result = cancelled_waiting(name, input)
         break
       end
     end
@@ -393,6 +437,82 @@ invoke = function(rt, name, state, sid, depth, eid)
   stats.running = stats.running - 1
   return finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
 end
+
+-- ------------------------------------------------------------------ async
+
+-- The same execution without a waiting coroutine: each attempt is a root
+-- execution and a continuation runs when it settles. A fire-and-forget
+-- execution then costs one coroutine (its attempt's) instead of two, which
+-- is what 100k concurrently sleeping executions are made of.
+local async_settled, async_backoff_done
+
+-- A job is one pending asynchronous execution. Its fields live in the array
+-- part (one allocation with the table header): 100k of them may be alive.
+local J_RT, J_DEF, J_NAME, J_STATE, J_INPUT, J_SID, J_EID, J_TIMEOUT, J_ATTEMPT, J_T0,
+      J_STARTED, J_DONE, J_DONE_ARG = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
+
+local function async_attempt(job)
+  local rt, def, attempt, eid = job[J_RT], job[J_DEF], job[J_ATTEMPT], job[J_EID]
+  emit(rt, "processor:started", def, eid, job[J_SID], attempt)
+  local ctx = new_ctx(rt, def, eid, job[J_SID], attempt,
+    attempt == 1 and job[J_STARTED] or now() + wall_offset, job[J_TIMEOUT], 0)
+  local cid = spawn(attempt_body, "root", job[J_TIMEOUT], 0, attempt,
+    ctx, attempt == 1 and job[J_INPUT] or copy_state(job[J_STATE]))
+  ctx[3] = cid
+  rt._active[eid] = cid
+  core.on_settle(cid, async_settled, job)
+end
+
+local function async_done(job, result)
+  local rt, eid = job[J_RT], job[J_EID]
+  rt._active[eid] = nil
+  if rt._cancelled[eid] then rt._cancelled[eid] = nil end
+  rt._stats.running = rt._stats.running - 1
+  job[J_DONE](job[J_DONE_ARG], finish(rt, result, job[J_DEF], job[J_NAME], eid, job[J_SID],
+    job[J_ATTEMPT], job[J_T0], job[J_STARTED]))
+  return true, true
+end
+
+async_settled = function(job, _, status, res)
+  local result = attempt_result(job[J_NAME], job[J_EID], status, res, job[J_INPUT], job[J_TIMEOUT])
+  local delay = retry_delay(job[J_RT], job[J_DEF], job[J_EID], job[J_SID], job[J_ATTEMPT], result)
+  if delay == nil then return async_done(job, result) end
+  if delay > 0 then
+    local bid = spawn(backoff_body, "root", 0, 0, job[J_ATTEMPT], delay)
+    job[J_RT]._active[job[J_EID]] = bid
+    core.on_settle(bid, async_backoff_done, job)
+    return true, true
+  end
+  job[J_ATTEMPT] = job[J_ATTEMPT] + 1
+  async_attempt(job)
+  return true, true
+end
+
+async_backoff_done = function(job, _, status, res)
+  if status ~= "OK" or not res then
+    return async_done(job, cancelled_waiting(job[J_NAME], job[J_INPUT]))
+  end
+  job[J_ATTEMPT] = job[J_ATTEMPT] + 1
+  async_attempt(job)
+  return true, true
+end
+
+--- Starts an execution without a waiting coroutine; calls done(arg, result)
+--- from an engine coroutine when it has finished (or at once when it fails
+--- before any attempt). Usable from anywhere.
+function M.start(rt, name, state, sid, eid, done, arg)
+  local t0 = now()
+  local startedAt = t0 + wall_offset
+  local def, input = precheck(rt, name, state, sid, 0, eid, t0, startedAt)
+  if def == nil then
+    done(arg, input)
+    return
+  end
+  rt._stats.running = rt._stats.running + 1
+  async_attempt({ rt, def, name, state, input, sid, eid, rt:_timeoutOf(def), 1, t0, startedAt,
+                  done, arg })
+end
+
 M.invoke = invoke
 
 return M

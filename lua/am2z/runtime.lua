@@ -85,7 +85,6 @@ function LocalRuntime.new(opts)
     _cancelled = {},
     _stats = { running = 0, completed = 0, failed = 0 },
     _top = 0,
-    _queued = {},     -- executionId -> handle, for executeAsync bodies not started yet
     _stopWaiters = {},
     _started = false,
   }, LocalRuntime)
@@ -217,25 +216,7 @@ function LocalRuntime:start()
   return self
 end
 
--- An executeAsync body that has not started yet never will once cancelled
--- (the engine does not start bodies of cancelled executions), so its
--- result and bookkeeping are settled here.
-local function cancel_queued(self, eid)
-  local h = self._queued[eid]
-  if not h then return false end
-  self._queued[eid] = nil
-  self._active[eid] = nil
-  core.cancel(h._cid)
-  h._result = { success = false, executionTime = 0,
-    error = errors.CancelledError("Execution " .. eid .. " was cancelled before it started", "cancelled"),
-    metadata = { executionId = eid } }
-  self._stats.failed = self._stats.failed + 1
-  self:_topDone()
-  return true
-end
-
 local function cancel_all(self)
-  for eid in pairs(self._queued) do cancel_queued(self, eid) end
   for eid, cid in pairs(self._active) do
     self._cancelled[eid] = true
     core.cancel(cid)
@@ -301,19 +282,28 @@ local function check_exec_args(self, fname, name, state, sid)
   end
 end
 
+-- Returns the session id and whether the caller named it (explicitly or
+-- in state.metadata): only named sessions are stored for getState, so
+-- anonymous executions do not pile up in memory. An anonymous execution
+-- gets nil here and uses its execution id as its session.
 local function session_of(state, sid)
-  if sid then return sid end
+  if sid then return sid, true end
   local m = state.metadata
   if type(m) == "table" and type(m.sessionId) == "string" and m.sessionId ~= "" then
-    return m.sessionId
+    return m.sessionId, true
   end
-  return executor.newSessionId()
+  return nil, false
 end
 
--- `counted`: executeAsync counted this execution as in flight already, when
--- it was queued, so stop() bounds it even before its body starts.
-function LocalRuntime:_executeTop(name, state, sid, eid, counted)
-  if not counted then self._top = self._top + 1 end
+function LocalRuntime:_record(sid, named, r)
+  if r.success and named then
+    local ok, e = pcall(self._stateManager.set, self._stateManager, sid, r.state)
+    if not ok then self._logger:warn("could not store session state", { error = tostring(e) }) end
+  end
+end
+
+function LocalRuntime:_executeTop(name, state, sid, named, eid)
+  self._top = self._top + 1
   -- invoke does not raise for runtime conditions; a raise here is a bug,
   -- and it must not leave stop() waiting for an execution that is gone.
   local ok, r = pcall(executor.invoke, self, name, state, sid, 0, eid)
@@ -321,10 +311,7 @@ function LocalRuntime:_executeTop(name, state, sid, eid, counted)
     r = { success = false, state = state, executionTime = 0, metadata = { executionId = eid },
           error = errors.ProcessorExecutionError(name, eid, r, { reason = "internal error" }) }
   end
-  if r.success then
-    local ok, e = pcall(self._stateManager.set, self._stateManager, sid, r.state)
-    if not ok then self._logger:warn("could not store session state", { error = tostring(e) }) end
-  end
+  self:_record(sid, named, r)
   self:_topDone()
   return r
 end
@@ -344,11 +331,13 @@ end
 function LocalRuntime:execute(name, state, sessionId)
   check_exec_args(self, "execute", name, state, sessionId)
   check_in_exec("execute")
-  return self:_executeTop(name, state, session_of(state, sessionId), executor.newExecutionId())
+  local sid, named = session_of(state, sessionId)
+  local eid = executor.newExecutionId()
+  return self:_executeTop(name, state, sid or eid, named, eid)
 end
 
-local function driver(rt, name, state, sid, eid)
-  local r = rt:_executeTop(name, state, sid, eid)
+local function driver(rt, name, state, who)
+  local r = rt:_executeTop(name, state, who[1], who[2], who[3])
   return r, true
 end
 
@@ -366,8 +355,9 @@ function LocalRuntime:executeMany(name, states, sessionId)
   check_in_exec("executeMany")
   local index, results, n = {}, {}, #states
   for i, s in ipairs(states) do
-    local id = core.spawn(driver, "child", 0, 0, 1, self, name, s, session_of(s, sessionId),
-      executor.newExecutionId())
+    local sid, named = session_of(s, sessionId)
+    local eid = executor.newExecutionId()
+    local id = core.spawn(driver, "child", 0, 0, 1, self, name, s, { sid or eid, named, eid })
     index[id] = i
   end
   for _ = 1, n do
@@ -390,47 +380,57 @@ function LocalRuntime:executeMany(name, states, sessionId)
   return results
 end
 
+-- A handle keeps its private fields in the array part: H_RT, H_SID,
+-- H_NAMED, H_RESULT, H_WAITERS (100k of them may be alive at once).
 local Handle = {}
 Handle.__index = Handle
-
-local function async_driver(rt, name, state, sid, eid, h)
-  rt._queued[eid] = nil
-  local r = rt:_executeTop(name, state, sid, eid, true)
-  h._result = r
-  return r, r.success
-end
+local H_RT, H_SID, H_NAMED, H_RESULT, H_WAITERS = 1, 2, 3, 4, 5
 
 --- Waits for the execution started by executeAsync; returns its result.
 function Handle:wait()
-  if self._result then return self._result end
+  if self[H_RESULT] then return self[H_RESULT] end
   check_in_exec("handle:wait")
-  local status, r = core.wait(self._cid)
-  if self._result then return self._result end
-  if type(r) == "table" then return r end
-  if status == nil and r ~= "ENOTFOUND" then
-    return { success = false, error = errors.fromCore(r, "wait interrupted: the waiter was aborted") }
+  local token = executor.newToken()
+  local w = self[H_WAITERS]
+  if not w then
+    w = {}
+    self[H_WAITERS] = w
   end
-  return { success = false, error = errors.fromCore(status or "ECANCELED", "execution ended without a result") }
+  w[#w + 1] = { (core.current()), token }
+  local _, reason = core.wait_host(token)
+  if self[H_RESULT] then return self[H_RESULT] end
+  return { success = false, executionTime = 0, metadata = { executionId = self.executionId },
+           error = errors.fromCore(reason or "ECANCELED", "wait interrupted: the waiter was aborted") }
 end
 
 --- Cancels the execution started by executeAsync.
 function Handle:cancel()
-  return self._rt:cancel(self.executionId)
+  return self[H_RT]:cancel(self.executionId)
+end
+
+-- executor.start's completion: record, wake the waiters, count it done.
+local function async_finished(h, r)
+  local rt = h[H_RT]
+  rt:_record(h[H_SID], h[H_NAMED], r)
+  h[H_RESULT] = r
+  local w = h[H_WAITERS]
+  if w then
+    h[H_WAITERS] = false
+    for i = 1, #w do core.complete_host(w[i][1], w[i][2]) end
+  end
+  rt:_topDone()
 end
 
 --- Starts an execution without waiting; returns a handle { executionId, wait(), cancel() }.
+--- Usable anywhere, also outside an engine coroutine (the loop runs it later).
 function LocalRuntime:executeAsync(name, state, sessionId)
   check_exec_args(self, "executeAsync", name, state, sessionId)
   local eid = executor.newExecutionId()
-  local h = setmetatable({ executionId = eid, _rt = self }, Handle)
-  local sid = session_of(state, sessionId)
-  local rt = self
-  -- A root, not a child of the caller: fire-and-forget must outlive it.
-  h._cid = core.spawn(async_driver, "root", 0, 0, 1, rt, name, state, sid, eid, h)
-  -- In flight from now on: cancel() and stop() reach it before it starts.
+  local sid, named = session_of(state, sessionId)
+  sid = sid or eid     -- an anonymous execution is its own session
+  local h = setmetatable({ self, sid, named, false, false, executionId = eid }, Handle)
   self._top = self._top + 1
-  self._active[eid] = h._cid
-  self._queued[eid] = h
+  executor.start(self, name, state, sid, eid, async_finished, h)
   return h
 end
 
@@ -440,7 +440,6 @@ function LocalRuntime:cancel(executionId)
   if type(executionId) ~= "string" then
     error("cancel: expected an execution id (string), got " .. describe(executionId), 2)
   end
-  if cancel_queued(self, executionId) then return true end
   local cid = self._active[executionId]
   if not cid then return false end
   self._cancelled[executionId] = true
