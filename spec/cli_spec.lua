@@ -273,7 +273,7 @@ describe("am2z-lua signals", function()
   end)
 
   it("SIGINT: same graceful stop, exit status 130", function()
-    local r = run_signalled(script(LONG_EXECUTION), "300", { "INT" })
+    local r = run_signalled(script(LONG_EXECUTION), "800", { "INT" })
     assert.equal(130, r.code)
     assert.equal("RESULT true nil", r.out)
   end)
