@@ -336,9 +336,16 @@ function LocalRuntime:execute(name, state, sessionId)
   return self:_executeTop(name, state, sid or eid, named, eid)
 end
 
-local function driver(rt, name, state, who)
-  local r = rt:_executeTop(name, state, who[1], who[2], who[3])
-  return r, true
+-- executor.start's completion for one execution of executeMany.
+local function many_done(b, r)
+  local rt = b.rt
+  local i = b.index[r.metadata.executionId]
+  rt:_record(b.sids[i], b.named[i], r)
+  rt:_topDone()
+  if b.results[i] then return end      -- already reported as cancelled
+  b.results[i] = r
+  b.left = b.left - 1
+  if b.left == 0 and b.waiter then core.complete_host(b.waiter, b.token) end
 end
 
 --- Executes the processor once per state, concurrently; results in order.
@@ -353,31 +360,34 @@ function LocalRuntime:executeMany(name, states, sessionId)
   end
   check_exec_args(self, "executeMany", name, {}, sessionId)
   check_in_exec("executeMany")
-  local index, results, n = {}, {}, #states
+  local n = #states
+  -- Each execution runs without a waiting coroutine of its own (as with
+  -- executeAsync); this coroutine waits once for all of them.
+  local b = { rt = self, results = {}, index = {}, sids = {}, named = {}, left = n }
   for i, s in ipairs(states) do
     local sid, named = session_of(s, sessionId)
     local eid = executor.newExecutionId()
-    local id = core.spawn(driver, "child", 0, 0, 1, self, name, s, { sid or eid, named, eid })
-    index[id] = i
+    b.index[eid], b.sids[i], b.named[i] = i, sid or eid, named
+    self._top = self._top + 1
+    executor.start(self, name, s, sid or eid, eid, many_done, b)
   end
-  for _ = 1, n do
-    local id, status, r = core.wait_child()
-    if id == nil then
-      -- The caller was aborted: the drivers were cancelled with it.
-      local err = errors.fromCore(status or "ECANCELED", "executeMany interrupted: the caller was aborted")
-      for i = 1, n do
-        results[i] = results[i] or { success = false, error = err, state = states[i] }
+  if b.left > 0 then
+    b.waiter, b.token = (core.current()), executor.newToken()
+    local ok, reason = core.wait_host(b.token)
+    b.waiter = nil
+    if not ok then
+      -- The caller was aborted: so is everything it started.
+      local err = errors.fromCore(reason or "ECANCELED", "executeMany interrupted: the caller was aborted")
+      for eid, i in pairs(b.index) do
+        if not b.results[i] then
+          self:cancel(eid)
+          b.results[i] = { success = false, error = err, state = states[i], executionTime = 0,
+                           metadata = { processorName = name, executionId = eid } }
+        end
       end
-      return results
     end
-    local i = index[id]
-    if type(r) ~= "table" then
-      r = { success = false, state = states[i],
-            error = errors.fromCore(status, "execution ended with " .. tostring(status)) }
-    end
-    results[i] = r
   end
-  return results
+  return b.results
 end
 
 -- A handle keeps its private fields in the array part: H_RT, H_SID,
