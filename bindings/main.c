@@ -43,7 +43,7 @@ static void usage(FILE *f)
         "environment:\n"
         "  AM2Z_LOG_LEVEL   debug | info | warn | error | silent\n"
         "  AM2Z_LOG_FORMAT  pretty | json | silent\n"
-        "  AM2Z_REDIS_URL   redis://host:port/db for distributed runtimes\n",
+        "  AM2Z_REDIS_URL   redis://host:port/db (reserved for QueueRuntime, not in this release)\n",
         progname);
 }
 

@@ -56,6 +56,15 @@ local function check_children(fname, list)
   end
 end
 
+-- A composite's failure wraps its child's error; it is retryable exactly
+-- when the child's error was, so a retry policy on the composite does not
+-- retry a validation or business failure of a step.
+local function wrap_failure(name, eid, cause, details)
+  local err = errors.ProcessorExecutionError(name, eid, cause, details)
+  err.retryable = errors.isRetryableError(err.cause)
+  return err
+end
+
 local function copy_list(t)
   local out = {}
   for i, v in ipairs(t) do out[i] = v end
@@ -83,7 +92,7 @@ function M.chainProcessors(opts)
       local child = children[i]
       local r = ctx:call(child.name, cur)
       if not r.success then
-        return Failure(errors.ProcessorExecutionError(name, ctx._eid, r.error, {
+        return Failure(wrap_failure(name, ctx._eid, r.error, {
           failedProcessor = child.name, completedSteps = i - 1, partialState = cur,
         }))
       end
@@ -93,6 +102,7 @@ function M.chainProcessors(opts)
   end
   local def = processor.definition("chain", name, body, config_of(opts), children)
   def.processors = children
+  def._freshOutput = true
   return def
 end
 
@@ -207,7 +217,7 @@ function M.parallelProcessors(opts)
     local states, i, failed = fan_out(ctx, calls)
     if not states then
       if not i then return Failure(failed.error) end
-      return Failure(errors.ProcessorExecutionError(name, ctx._eid, failed.error, {
+      return Failure(wrap_failure(name, ctx._eid, failed.error, {
         failedProcessor = children[i].name, partialState = state }))
     end
     local merged, err = run_merge(ctx, name, merge, states, state)
@@ -268,7 +278,7 @@ function M.batchProcessor(opts)
     local states, i, failed = fan_out(ctx, calls)
     if not states then
       if not i then return Failure(failed.error) end
-      return Failure(errors.ProcessorExecutionError(name, ctx._eid, failed.error, {
+      return Failure(wrap_failure(name, ctx._eid, failed.error, {
         failedProcessor = target, failedPayload = i, partialState = state }))
     end
     local merged, err = run_merge(ctx, name, merge, states, state)
@@ -336,6 +346,7 @@ function M.routeProcessor(name, selector, routes, fallback)
     return ctx:call(target.name, state)
   end
   local def = processor.definition("router", name, body, {}, deps)
+  def._freshOutput = true
   def.routes = table_routes
   def.fallback = fallback
   return def

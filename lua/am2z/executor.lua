@@ -127,8 +127,8 @@ end
 
 --- Suspends for ms; true, or nil + TimeoutError/CancelledError when aborted.
 function ctx_methods.sleep(self, ms)
-  if type(ms) ~= "number" or ms < 0 or ms ~= ms then
-    error("ctx:sleep: expected a number of milliseconds >= 0, got " .. tostring(ms), 2)
+  if type(ms) ~= "number" or not (ms >= 0) or ms == math.huge then
+    error("ctx:sleep: expected a finite number of milliseconds >= 0, got " .. tostring(ms), 2)
   end
   local ok, reason = core.sleep(ms)
   if ok then return true end
@@ -205,6 +205,8 @@ local function describe(v)
   return t
 end
 
+-- `state` nil: the caller fills in its own input state (see with_state),
+-- never the attempt's copy, which the body may have changed before failing.
 local function failed(err, state)
   local ps = type(err) == "table" and type(err.details) == "table" and err.details.partialState
   return { success = false, error = err, state = ps or state, executionTime = 0, metadata = false }
@@ -216,14 +218,14 @@ local function normalize(def, eid, input, ok, ret)
   if not ok then
     if type(ret) == "table" and ret.__am2z_raised then
       return failed(ProcessorExecutionError(name, eid, ret.value,
-        { traceback = ret.traceback }), input), false
+        { traceback = ret.traceback }), nil), false
     end
-    return failed(errors.wrapAsProcessorError(ret, name, eid), input), false
+    return failed(errors.wrapAsProcessorError(ret, name, eid), nil), false
   end
   if type(ret) ~= "table" or type(ret.success) ~= "boolean" then
     return failed(ProcessorExecutionError(name, eid,
       format("processor '%s' returned %s instead of a Result (Success(state) or Failure(err))",
-        name, describe(ret))), input), false
+        name, describe(ret))), nil), false
   end
   if ret.success then
     local out = ret.data
@@ -231,21 +233,28 @@ local function normalize(def, eid, input, ok, ret)
     if type(out) ~= "table" then
       return failed(ProcessorExecutionError(name, eid,
         format("processor '%s' returned Success with %s instead of a state table", name,
-          describe(out))), input), false
+          describe(out))), nil), false
     end
     -- Copied, not just checked: the body may keep a reference to what it
     -- returned, and neither the runtime's bump nor the caller may change it.
-    local c, msg, path = copy_state(out)
+    -- Composites whose output is a child's fresh output (or built only from
+    -- such outputs) mark themselves `_freshOutput`: nobody else holds it.
+    local c, msg, path
+    if def._freshOutput then
+      c = out
+    else
+      c, msg, path = copy_state(out)
+    end
     if c == nil then
       return failed(errors.ValidationError(path, nil,
-        format("output of '%s': %s", name, msg)), input), false
+        format("output of '%s': %s", name, msg)), nil), false
     end
     local schema = def.stateSchema
     if schema then
       local vok, vmsg, vpath = schema:validate(c)
       if not vok then
         return failed(errors.ValidationError(vpath or "state", nil,
-          format("output of '%s': %s", name, vmsg)), input), false
+          format("output of '%s': %s", name, vmsg)), nil), false
       end
     end
     -- All result fields up front: finish() fills them without a rehash.
@@ -257,7 +266,7 @@ local function normalize(def, eid, input, ok, ret)
   else
     err = errors.wrapAsProcessorError(err, name, eid)
   end
-  return failed(err, input), false
+  return failed(err, nil), false
 end
 
 -- The body of one attempt: runs in its own engine coroutine.
@@ -344,12 +353,12 @@ end
 local function attempt_result(name, eid, status, res, input, timeout)
   if status == "OK" or status == "EFAILED" then
     if type(res) == "table" then return res end
-    return failed(ProcessorExecutionError(name, eid, res or "execution body failed"), input)
+    return failed(ProcessorExecutionError(name, eid, res or "execution body failed"), nil)
   elseif status == "ETIMEDOUT" then
     return failed(TimeoutError(format("Processor '%s' timed out after %dms", name, timeout),
-      timeout), input)
+      timeout), nil)
   end
-  return failed(CancelledError(format("Processor '%s' was cancelled", name), "cancelled"), input)
+  return failed(CancelledError(format("Processor '%s' was cancelled", name), "cancelled"), nil)
 end
 
 -- After a failed attempt: the delay before the next one, or nil when this
@@ -384,9 +393,16 @@ local function retry_delay(rt, def, eid, sid, attempt, result)
   return delay
 end
 
-local function cancelled_waiting(name, input)
+local function cancelled_waiting(name)
   return failed(CancelledError(format("Execution of '%s' was cancelled while waiting to retry",
-    name), "cancelled"), input)
+    name), "cancelled"), nil)
+end
+
+-- A failed result carries the partial state its error names, else the state
+-- the caller passed in (API.md, execution results), as a copy.
+local function with_state(result, state)
+  if result.state == nil then result.state = statem.clone(state) end
+  return result
 end
 
 --- Executes processor `name` on `state` from the current engine coroutine.
@@ -415,7 +431,7 @@ invoke = function(rt, name, state, sid, depth, eid)
       -- Our own wait was cut short: the caller itself is being aborted, and
       -- the attempt (our child) was cancelled with it.
       result = failed(errors.fromCore(res or "ECANCELED",
-        format("Execution of '%s' was interrupted: its caller was aborted", name)), input)
+        format("Execution of '%s' was interrupted: its caller was aborted", name)), nil)
       break
     end
     result = attempt_result(name, eid, status, res, input, timeout)
@@ -426,7 +442,7 @@ invoke = function(rt, name, state, sid, depth, eid)
       active[eid] = bid
       local bst, bres = wait(bid)
       if bst ~= "OK" or not bres then
-        result = cancelled_waiting(name, input)
+        result = cancelled_waiting(name)
         break
       end
     end
@@ -435,7 +451,7 @@ invoke = function(rt, name, state, sid, depth, eid)
   active[eid] = nil
   if rt._cancelled[eid] then rt._cancelled[eid] = nil end
   stats.running = stats.running - 1
-  return finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
+  return finish(rt, with_state(result, state), def, name, eid, sid, attempt, t0, startedAt)
 end
 
 -- ------------------------------------------------------------------ async
@@ -468,7 +484,7 @@ local function async_done(job, result)
   rt._active[eid] = nil
   if rt._cancelled[eid] then rt._cancelled[eid] = nil end
   rt._stats.running = rt._stats.running - 1
-  job[J_DONE](job[J_DONE_ARG], finish(rt, result, job[J_DEF], job[J_NAME], eid, job[J_SID],
+  job[J_DONE](job[J_DONE_ARG], finish(rt, with_state(result, job[J_STATE]), job[J_DEF], job[J_NAME], eid, job[J_SID],
     job[J_ATTEMPT], job[J_T0], job[J_STARTED]))
   return true, true
 end
@@ -490,7 +506,7 @@ end
 
 async_backoff_done = function(job, _, status, res)
   if status ~= "OK" or not res then
-    return async_done(job, cancelled_waiting(job[J_NAME], job[J_INPUT]))
+    return async_done(job, cancelled_waiting(job[J_NAME]))
   end
   job[J_ATTEMPT] = job[J_ATTEMPT] + 1
   async_attempt(job)
@@ -509,7 +525,11 @@ function M.start(rt, name, state, sid, eid, done, arg)
     return
   end
   rt._stats.running = rt._stats.running + 1
-  async_attempt({ rt, def, name, state, input, sid, eid, rt:_timeoutOf(def), 1, t0, startedAt,
+  -- The caller may change its table after this call returns: retries and a
+  -- failed result need the state as it was now.
+  local policy = def.config.retryPolicy
+  local pristine = (policy and policy.maxAttempts > 1) and statem.clone(input) or state
+  async_attempt({ rt, def, name, pristine, input, sid, eid, rt:_timeoutOf(def), 1, t0, startedAt,
                   done, arg })
 end
 

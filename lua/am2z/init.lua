@@ -71,8 +71,8 @@ end
 ---@return boolean|nil ok
 ---@return table|nil err CancelledError/TimeoutError when the coroutine was aborted
 function am2z.sleep(ms)
-  if type(ms) ~= "number" or ms < 0 or ms ~= ms then
-    error("am2z.sleep: expected a number of milliseconds >= 0, got " .. tostring(ms), 2)
+  if type(ms) ~= "number" or not (ms >= 0) or ms == math.huge then
+    error("am2z.sleep: expected a finite number of milliseconds >= 0, got " .. tostring(ms), 2)
   end
   if not core.in_exec() then
     error("am2z.sleep: must be called inside an engine coroutine (am2z.run(fn), a processor, "
