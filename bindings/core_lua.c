@@ -279,6 +279,56 @@ static int push_child(lhost_t *h, lua_State *L, am2z_exec_t *c)
     return 3;
 }
 
+/* ---- Redis replies as Lua values --------------------------------------- */
+
+/* Inside an array: nil is the JSON-null lightuserdata (cjson.null), an
+ * error reply a table { err = message } (the rest of the array is kept). */
+static void push_reply(lua_State *L, const am2z_reply_t *r)
+{
+    lua_checkstack(L, 4);
+    switch (r->type) {
+    case AM2Z_REPLY_STRING:
+    case AM2Z_REPLY_STATUS:
+        lua_pushlstring(L, r->str, r->len);
+        break;
+    case AM2Z_REPLY_INTEGER:
+        lua_pushnumber(L, (lua_Number) r->integer);
+        break;
+    case AM2Z_REPLY_ARRAY:
+        lua_createtable(L, (int) r->elements, 0);
+        for (size_t i = 0; i < r->elements; i++) {
+            push_reply(L, r->element[i]);
+            lua_rawseti(L, -2, (int) i + 1);
+        }
+        break;
+    case AM2Z_REPLY_ERROR:
+        lua_createtable(L, 0, 1);
+        lua_pushlstring(L, r->str, r->len);
+        lua_setfield(L, -2, "err");
+        break;
+    default:
+        lua_pushlightuserdata(L, NULL);
+        break;
+    }
+}
+
+/* At the top: nil reply -> nil; error reply -> nil, "EREPLY", message. */
+static int push_reply_top(lua_State *L, const am2z_reply_t *r)
+{
+    if (r->type == AM2Z_REPLY_NIL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    if (r->type == AM2Z_REPLY_ERROR) {
+        lua_pushnil(L);
+        lua_pushliteral(L, "EREPLY");
+        lua_pushlstring(L, r->str, r->len);
+        return 3;
+    }
+    push_reply(L, r);
+    return 1;
+}
+
 static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
 {
     lua_checkstack(co, 4);
@@ -301,6 +351,24 @@ static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
             return 2;
         }
         return push_child(h, co, c);
+    }
+    case AM2Z_WAKE_EXTERN: {
+        int n;
+        if (w->status != AM2Z_OK) {
+            if (w->payload && w->payload_free)
+                w->payload_free(w->payload);
+            lua_pushnil(co);
+            push_status(co, w->status);
+            lua_pushstring(co, am2z_strerror(w->status));
+            return 3;
+        }
+        if (w->payload == NULL) {
+            lua_pushboolean(co, 1);
+            return 1;
+        }
+        n = push_reply_top(co, w->payload);
+        am2z_reply_free(w->payload);
+        return n;
     }
     case AM2Z_WAKE_EXEC: {
         am2z_exec_t *t = w->target;
@@ -1116,6 +1184,200 @@ static int l_in_exec(lua_State *L)
     return 1;
 }
 
+/* ---- Redis connections ---------------------------------------------------- */
+
+#define AM2Z_REDIS_MT "am2z.redis.connection"
+
+typedef struct {
+    am2z_redis_t *r;            /* owned; NULL once closed */
+    lhost_t      *h;            /* borrowed: the host outlives its connections */
+    int           log_ref;      /* registry: log function(level, msg) or LUA_NOREF */
+} lredis_t;
+
+static lredis_t *check_redis(lua_State *L, int idx)
+{
+    lredis_t *c = luaL_checkudata(L, idx, AM2Z_REDIS_MT);
+    if (c->r == NULL)
+        luaL_argerror(L, idx, "the Redis connection is closed");
+    return c;
+}
+
+/* Connection log lines go to the Lua log function given at creation; they
+ * can come from any callback, so they run protected on whatever thread may
+ * take a call right now. */
+static void redis_log_cb(void *ud, int level, const char *msg)
+{
+    lredis_t *c = ud;
+    lhost_t *h = c->h;
+    if (h->closing || c->log_ref == LUA_NOREF) {
+        fprintf(stderr, "am2z: %s\n", msg);
+        return;
+    }
+    lua_State *L = host_L(h);
+    int top = lua_gettop(L);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, c->log_ref);
+    lua_pushinteger(L, level);
+    lua_pushstring(L, msg);
+    if (lua_pcall(L, 2, 0, 0) != 0)
+        fprintf(stderr, "am2z: %s (and the log function failed: %s)\n", msg, lua_tostring(L, -1));
+    lua_settop(L, top);
+}
+
+static const char *opt_string(lua_State *L, int t, const char *k)
+{
+    const char *s = NULL;
+    lua_getfield(L, t, k);
+    if (!lua_isnil(L, -1)) {
+        if (lua_type(L, -1) != LUA_TSTRING)
+            luaL_error(L, "core.redis_new: expected %s to be a string", k);
+        s = lua_tostring(L, -1);
+    }
+    lua_pop(L, 1);          /* the string stays alive in the options table */
+    return s;
+}
+
+static lua_Integer opt_int(lua_State *L, int t, const char *k, lua_Integer dflt)
+{
+    lua_Integer v = dflt;
+    lua_getfield(L, t, k);
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1))
+            luaL_error(L, "core.redis_new: expected %s to be a number", k);
+        v = lua_tointeger(L, -1);
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.redis_new{ host, port, username, password, db, name, connectTimeout,
+ *                 reconnectMax, log = fn(level, msg) } -> connection
+ * Starts connecting at once; see core.redis_wait_ready. */
+static int l_redis_new(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    am2z_redis_opts_t o;
+    lredis_t *c;
+    int rc;
+
+    luaL_checktype(L, 1, LUA_TTABLE);
+    memset(&o, 0, sizeof(o));
+    o.host = opt_string(L, 1, "host");
+    o.username = opt_string(L, 1, "username");
+    o.password = opt_string(L, 1, "password");
+    o.client_name = opt_string(L, 1, "name");
+    o.port = (int) opt_int(L, 1, "port", 6379);
+    o.db = (int) opt_int(L, 1, "db", 0);
+    o.connect_timeout_ms = (uint32_t) opt_int(L, 1, "connectTimeout", 5000);
+    o.reconnect_max_ms = (uint32_t) opt_int(L, 1, "reconnectMax", 5000);
+    if (o.port <= 0 || o.port > 65535)
+        return luaL_error(L, "core.redis_new: expected port to be 1-65535, got %d", o.port);
+    if (o.db < 0)
+        return luaL_error(L, "core.redis_new: expected db to be >= 0, got %d", o.db);
+
+    c = lua_newuserdata(L, sizeof(*c));
+    c->r = NULL;
+    c->h = h;
+    c->log_ref = LUA_NOREF;
+    luaL_getmetatable(L, AM2Z_REDIS_MT);
+    lua_setmetatable(L, -2);
+    lua_getfield(L, 1, "log");
+    if (lua_isfunction(L, -1))
+        c->log_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    else
+        lua_pop(L, 1);
+    o.log = redis_log_cb;
+    o.log_ud = c;
+    rc = am2z_redis_new(h->e, &o, &c->r);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return 1;
+}
+
+/* core.redis_wait_ready(conn) -> true | nil, code, message */
+static int l_redis_wait_ready(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lredis_t *c = check_redis(L, 1);
+    am2z_exec_t *x = check_current(L, h, "redis connect");
+    int rc = am2z_redis_wait_ready(c->r, x);
+    if (rc == AM2Z_READY) {
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+/* core.redis_call(conn, timeout_ms, cmd, args...) -> reply | nil, code, message
+ * Arguments are strings or numbers; the reply converts as push_reply says. */
+static int l_redis_call(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lredis_t *c = check_redis(L, 1);
+    lua_Number tmo = luaL_checknumber(L, 2);
+    int argc = lua_gettop(L) - 2, rc;
+    const char *argv_s[32];
+    size_t lens_s[32];
+    const char **argv = argv_s;
+    size_t *lens = lens_s;
+    am2z_exec_t *x;
+
+    if (argc < 1)
+        return luaL_error(L, "redis call: expected a command name");
+    if (tmo < 0 || tmo > 4294967295.0)
+        return luaL_argerror(L, 2, "timeout must be between 0 and 2^32-1 ms");
+    for (int i = 0; i < argc; i++) {
+        int t = lua_type(L, 3 + i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            return luaL_error(L, "redis call: argument %d must be a string or a number, got %s",
+                              i + 1, lua_typename(L, t));
+    }
+    x = check_current(L, h, "redis call");
+    /* No raise below: the argument vector may be heap memory. */
+    if (argc > 32) {
+        argv = malloc((size_t) argc * sizeof(*argv));
+        lens = malloc((size_t) argc * sizeof(*lens));
+        if (argv == NULL || lens == NULL) {
+            free(argv);
+            free(lens);
+            return fail(L, AM2Z_ENOMEM);
+        }
+    }
+    for (int i = 0; i < argc; i++)
+        argv[i] = lua_tolstring(L, 3 + i, &lens[i]);  /* numbers become strings in place */
+    rc = am2z_redis_command(c->r, x, (uint32_t) tmo, argc, argv, lens);
+    if (argv != argv_s) {
+        free(argv);
+        free(lens);
+    }
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+static int l_redis_ready(lua_State *L)
+{
+    lredis_t *c = luaL_checkudata(L, 1, AM2Z_REDIS_MT);
+    lua_pushboolean(L, c->r && am2z_redis_ready(c->r));
+    return 1;
+}
+
+static int redis_gc(lua_State *L)
+{
+    lredis_t *c = luaL_checkudata(L, 1, AM2Z_REDIS_MT);
+    if (c->r) {
+        if (!c->h->closing)
+            am2z_redis_close(c->r);
+        c->r = NULL;
+    }
+    if (c->log_ref != LUA_NOREF && !c->h->closing) {
+        luaL_unref(L, LUA_REGISTRYINDEX, c->log_ref);
+        c->log_ref = LUA_NOREF;
+    }
+    return 0;
+}
+
 /* ---- module ------------------------------------------------------------- */
 
 static int host_gc(lua_State *L)
@@ -1156,6 +1418,11 @@ static const luaL_Reg core_funcs[] = {
     { "subscribers", l_subscribers },
     { "set_error_handler", l_set_error_handler },
     { "in_exec", l_in_exec },
+    { "redis_new", l_redis_new },
+    { "redis_wait_ready", l_redis_wait_ready },
+    { "redis_call", l_redis_call },
+    { "redis_ready", l_redis_ready },
+    { "redis_close", redis_gc },
     { "cancel_main", l_cancel_main },
     { NULL, NULL }
 };
@@ -1231,6 +1498,11 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
         lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
         lua_pushvalue(L, hidx);
         lua_rawset(L, LUA_REGISTRYINDEX);
+
+        luaL_newmetatable(L, AM2Z_REDIS_MT);
+        lua_pushcfunction(L, redis_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pop(L, 1);
     } else {
         lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
         lua_rawget(L, LUA_REGISTRYINDEX);

@@ -40,7 +40,7 @@ struct am2z_tlist_s {
 };
 
 enum { AM2Z_REQ_NONE = 0, AM2Z_REQ_SLEEP, AM2Z_REQ_CHILD, AM2Z_REQ_EXEC,
-       AM2Z_REQ_HOST, AM2Z_REQ_YIELD };
+       AM2Z_REQ_HOST, AM2Z_REQ_YIELD, AM2Z_REQ_EXTERN };
 
 /* The one pending request of a suspended execution. It is embedded in the
  * execution: every request kind the core has today completes on the loop
@@ -54,6 +54,8 @@ typedef struct {
     am2z_exec_t  *target;     /* EXEC: owned reference */
     am2z_exec_t  *wnext;      /* EXEC: next waiter on target's list (borrowed) */
     uint64_t      token;      /* HOST */
+    void         *ext;        /* EXTERN: the I/O layer's operation (borrowed) */
+    am2z_detach_fn detach;    /* EXTERN */
 } am2z_req_t;
 
 struct am2z_exec_s {
@@ -151,6 +153,7 @@ struct am2z_engine_s {
 
     am2z_sub_t    *subs;          /* owned */
     int            subs_len, subs_cap, subs_live;
+    am2z_redis_t  *redis;         /* list of open connections (closed at free) */
     uint64_t       next_sub_id;
     int            emitting;      /* unsubscribe during emit only marks */
 };
@@ -168,6 +171,9 @@ void am2z__idmap_del(am2z_engine_t *e, am2z_exec_t *x);
 
 /* exec.c */
 void am2z__exec_kill_all(am2z_engine_t *e);
+
+/* redis.c */
+void am2z__redis_close_all(am2z_engine_t *e);
 
 #define AM2Z_CONTAINER_OF(ptr, type, field) \
     ((type *) ((char *) (ptr) - offsetof(type, field)))

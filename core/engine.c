@@ -479,6 +479,9 @@ void am2z_engine_free(am2z_engine_t *e)
         return;
     e->closing = 1;
     am2z__exec_kill_all(e);
+    /* After the executions: freeing a connection runs every pending reply
+     * callback, and those must find their executions already detached. */
+    am2z__redis_close_all(e);
     e->handles_open += 2;
     uv_close((uv_handle_t *) &e->drain_idle, engine_handle_close_cb);
     uv_close((uv_handle_t *) &e->heap_timer, engine_handle_close_cb);

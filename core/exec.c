@@ -189,6 +189,14 @@ static void req_complete(am2z_exec_t *w, int status)
     case AM2Z_REQ_YIELD:
         w->wake.kind = AM2Z_WAKE_YIELD;
         break;
+    case AM2Z_REQ_EXTERN:
+        /* Completed by the I/O layer: it set the payload and forgot us.
+         * Anything else (cancel, deadline): tell it to forget us. */
+        if (r->ext && r->detach)
+            r->detach(r->ext);
+        r->ext = NULL;
+        w->wake.kind = AM2Z_WAKE_EXTERN;
+        break;
     }
     r->kind = AM2Z_REQ_NONE;
     w->wake_gen = w->gen;
@@ -297,6 +305,37 @@ int am2z_exec_complete_host(am2z_exec_t *x, uint64_t token, int status)
     return AM2Z_OK;
 }
 
+int am2z_exec_wait_extern(am2z_exec_t *x, void *ext, am2z_detach_fn detach, uint64_t *gen)
+{
+    int rc = req_begin(x, AM2Z_REQ_EXTERN);
+    if (rc != AM2Z_OK)
+        return rc;
+    x->req.ext = ext;
+    x->req.detach = detach;
+    if (gen)
+        *gen = x->gen;
+    if (x->aborted)
+        req_complete(x, x->aborted);
+    return AM2Z_OK;
+}
+
+int am2z_exec_complete_extern(am2z_exec_t *x, uint64_t gen, int status,
+                              void *payload, void (*payload_free)(void *))
+{
+    if (x == NULL || x->req.kind != AM2Z_REQ_EXTERN || x->req.gen != gen) {
+        if (payload && payload_free)
+            payload_free(payload);
+        return AM2Z_ESTATE;
+    }
+    x->req.ext = NULL;                    /* completed by its owner: no detach */
+    if (x->wake.payload && x->wake.payload_free)
+        x->wake.payload_free(x->wake.payload);
+    x->wake.payload = payload;
+    x->wake.payload_free = payload_free;
+    req_complete(x, status);
+    return AM2Z_OK;
+}
+
 int am2z_exec_yield(am2z_exec_t *x)
 {
     int rc = req_begin(x, AM2Z_REQ_YIELD);
@@ -310,6 +349,8 @@ void am2z_exec_take_wake(am2z_exec_t *x, am2z_wake_t *out)
 {
     *out = x->wake;
     x->wake.target = NULL;
+    x->wake.payload = NULL;
+    x->wake.payload_free = NULL;
     x->wake.kind = AM2Z_WAKE_START;
     x->wake.status = AM2Z_OK;
 }
@@ -423,12 +464,18 @@ void am2z_exec_finish(am2z_exec_t *x, int status)
             am2z_exec_unref(x->req.target);
             x->req.target = NULL;
         }
+        if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext && x->req.detach)
+            x->req.detach(x->req.ext);
+        x->req.ext = NULL;
         x->req.kind = AM2Z_REQ_NONE;
     }
     if (x->wake.target) {
         am2z_exec_unref(x->wake.target);
         x->wake.target = NULL;
     }
+    if (x->wake.payload && x->wake.payload_free)
+        x->wake.payload_free(x->wake.payload);
+    x->wake.payload = NULL;
     if (x->started)
         e->stats.running--;
     x->state = AM2Z_EXEC_DONE;
@@ -482,6 +529,12 @@ void am2z__exec_kill_all(am2z_engine_t *e)
         x->ready_next = NULL;
         am2z__timer_stop(e, &x->req.timer);
         am2z__timer_stop(e, &x->deadline);
+        if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext && x->req.detach)
+            x->req.detach(x->req.ext);
+        x->req.ext = NULL;
+        if (x->wake.payload && x->wake.payload_free)
+            x->wake.payload_free(x->wake.payload);
+        x->wake.payload = NULL;
         x->req.kind = AM2Z_REQ_NONE;
         x->req.target = x->req.wnext = NULL;
         x->wake.target = NULL;

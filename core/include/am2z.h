@@ -38,7 +38,10 @@ extern "C" {
     XX(ENOTFOUND, "not found")                                               \
     XX(ECLOSED, "engine is closing")                                         \
     XX(ESTALE, "handle refers to an execution that no longer exists")        \
-    XX(EUV, "libuv error")
+    XX(EUV, "libuv error")                                                   \
+    XX(ECONNREFUSED, "could not connect to Redis")                           \
+    XX(ECONNRESET, "the Redis connection was lost")                          \
+    XX(ENOTCONN, "not connected to Redis (reconnecting)")
 
 typedef enum {
     AM2Z_OK = 0,
@@ -73,7 +76,8 @@ typedef enum {
     AM2Z_WAKE_CHILD,        /* a child settled: am2z_exec_take_child() */
     AM2Z_WAKE_EXEC,         /* a watched execution settled: wake.target */
     AM2Z_WAKE_HOST,         /* am2z_exec_complete_host() was called */
-    AM2Z_WAKE_YIELD         /* am2z_exec_yield(): just go round the loop */
+    AM2Z_WAKE_YIELD,        /* am2z_exec_yield(): just go round the loop */
+    AM2Z_WAKE_EXTERN        /* an I/O layer completed it: wake.payload */
 } am2z_wake_kind_t;
 
 typedef struct {
@@ -206,14 +210,79 @@ int am2z_exec_complete_host(am2z_exec_t *x, uint64_t token, int status);
 /* Goes round the loop once (other work runs), then resumes. */
 int am2z_exec_yield(am2z_exec_t *x);
 
+/* An I/O layer's pending operation (core/redis.c is one). `detach` is
+ * called when the execution stops waiting for it (cancel, deadline, engine
+ * shutdown): the operation must then forget the execution and never
+ * complete it; it still frees itself when its I/O finishes. */
+typedef void (*am2z_detach_fn)(void *ext);
+int am2z_exec_wait_extern(am2z_exec_t *x, void *ext, am2z_detach_fn detach, uint64_t *gen);
+/* Completes a wait_extern for generation `gen`; takes ownership of payload
+ * (freed with payload_free if nobody takes it). Ignored when stale. */
+int am2z_exec_complete_extern(am2z_exec_t *x, uint64_t gen, int status,
+                              void *payload, void (*payload_free)(void *));
+
 /* After the resume hook is called: what woke the execution. */
 typedef struct {
     int          kind;      /* am2z_wake_kind_t */
     int          status;    /* AM2Z_OK, or the abort reason / host status */
     am2z_exec_t *target;    /* AM2Z_WAKE_EXEC: a reference the host must unref */
+    void        *payload;   /* AM2Z_WAKE_EXTERN: owned by whoever holds the wake */
+    void       (*payload_free)(void *);
 } am2z_wake_t;
 /* Moves the wake record out (target ownership passes to the caller). */
 void am2z_exec_take_wake(am2z_exec_t *x, am2z_wake_t *out);
+
+/* ---- Redis (hiredis async on the engine's loop) ------------------------ */
+
+typedef struct am2z_redis_s am2z_redis_t;
+
+enum { AM2Z_REPLY_STRING = 1, AM2Z_REPLY_ARRAY = 2, AM2Z_REPLY_INTEGER = 3,
+       AM2Z_REPLY_NIL = 4, AM2Z_REPLY_STATUS = 5, AM2Z_REPLY_ERROR = 6 };
+
+/* A reply copied out of hiredis inside its callback (hiredis frees its own
+ * reply when the callback returns). */
+typedef struct am2z_reply_s {
+    int                    type;
+    long long              integer;
+    char                  *str;      /* owned; STRING, STATUS, ERROR */
+    size_t                 len;
+    size_t                 elements;
+    struct am2z_reply_s  **element;  /* owned; ARRAY */
+} am2z_reply_t;
+void am2z_reply_free(void *reply);
+
+enum { AM2Z_LOG_DEBUG = 10, AM2Z_LOG_INFO = 20, AM2Z_LOG_WARN = 30, AM2Z_LOG_ERROR = 40 };
+
+typedef struct {
+    const char *host;               /* default "127.0.0.1" */
+    int         port;               /* default 6379 */
+    const char *username;           /* NULL: AUTH with the password only */
+    const char *password;           /* NULL: no AUTH */
+    int         db;                 /* SELECT when non-zero */
+    const char *client_name;        /* CLIENT SETNAME when set */
+    uint32_t    connect_timeout_ms; /* 0: 5000 */
+    uint32_t    reconnect_max_ms;   /* cap of the reconnect backoff; 0: 5000 */
+    void      (*log)(void *ud, int level, const char *msg);
+    void       *log_ud;
+} am2z_redis_opts_t;
+
+/* Creates a connection and starts connecting; it reconnects by itself with
+ * capped exponential backoff whenever the link drops, until closed. */
+int  am2z_redis_new(am2z_engine_t *e, const am2z_redis_opts_t *o, am2z_redis_t **out);
+/* Stops reconnecting and disconnects: pending commands complete with
+ * AM2Z_ECONNRESET. The memory is released once libuv has closed the
+ * handles. Safe to call twice. */
+void am2z_redis_close(am2z_redis_t *r);
+int  am2z_redis_ready(const am2z_redis_t *r);
+/* Suspends x until the connection is ready: AM2Z_READY when it already is;
+ * the wake status is AM2Z_OK, AM2Z_ECONNREFUSED or AM2Z_ETIMEDOUT. */
+int  am2z_redis_wait_ready(am2z_redis_t *r, am2z_exec_t *x);
+/* Sends one command and suspends x until its reply (wake payload: an
+ * am2z_reply_t), AM2Z_ETIMEDOUT after timeout_ms (0: no own deadline), or
+ * AM2Z_ECONNRESET when the link drops first. Commands from many executions
+ * are pipelined on the one connection. AM2Z_ENOTCONN when not connected. */
+int  am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
+                        int argc, const char **argv, const size_t *argvlen);
 
 /* ---- retry arithmetic (the same in every runtime) --------------------- */
 

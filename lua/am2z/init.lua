@@ -56,6 +56,9 @@ am2z.MemoryStateManager = statem.MemoryStateManager
 -- Runtimes
 am2z.LocalRuntime = runtime.LocalRuntime
 
+-- Redis connections (the base of the queue layer)
+am2z.redis = require("am2z.redis")
+
 -- Logging
 am2z.createLogger = log.createLogger
 am2z.createSilentLogger = log.createSilentLogger

@@ -1,0 +1,575 @@
+/*
+ * redis.c -- Redis connections for the engine: hiredis's async API driven
+ * by the engine's libuv loop, every command a suspension of the calling
+ * execution.
+ *
+ * hiredis 0.14 has no command timeouts and frees a reply when its callback
+ * returns, so each command is a heap request with its own engine timer, and
+ * the reply is copied inside the callback. A request whose execution
+ * stopped waiting (cancel, deadline) is detached: hiredis still calls it
+ * exactly once (with NULL on teardown), and it then frees itself.
+ *
+ * We attach hiredis to libuv ourselves rather than through
+ * adapters/libuv.h: the 0.14 adapter leaks its struct when uv_poll_init
+ * fails, and we need the poll handle's close to be part of our teardown.
+ */
+#include "am2z_int.h"
+
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { RS_CONNECTING = 1, RS_READY, RS_DOWN, RS_CLOSED };
+
+/* The libuv side of one hiredis context. Freed by the poll's close
+ * callback (libuv may touch the handle until then). */
+typedef struct {
+    uv_poll_t          poll;
+    redisAsyncContext *ac;         /* borrowed; NULL once hiredis cleaned up */
+    int                events;
+} rpoll_t;
+
+/* An execution waiting for the connection to become ready. */
+typedef struct rwait_s {
+    am2z_exec_t     *exec;         /* borrowed; NULL once detached */
+    uint64_t         gen;
+    struct rwait_s  *next;
+} rwait_t;
+
+/* One command in flight. */
+typedef struct {
+    am2z_redis_t  *r;              /* borrowed: r outlives its requests */
+    am2z_exec_t   *exec;           /* borrowed; NULL once detached or completed */
+    uint64_t       gen;
+    am2z_timer_t   timer;          /* the command's own deadline */
+} rreq_t;
+
+struct am2z_redis_s {
+    am2z_engine_t     *e;          /* borrowed */
+    redisAsyncContext *ac;         /* owned by hiredis; NULL when down */
+    int                state;
+    char              *host, *username, *password, *client_name;   /* owned */
+    int                port, db;
+    uint32_t           connect_timeout_ms, reconnect_max_ms;
+    void             (*log)(void *ud, int level, const char *msg);
+    void              *log_ud;
+
+    uv_timer_t         retry_timer;     /* reconnect backoff */
+    am2z_timer_t       connect_timer;   /* engine timer: connect deadline */
+    uint32_t           backoff_ms;
+    unsigned           attempts;        /* failed connects in a row */
+
+    rwait_t           *waiters;         /* owned list */
+    unsigned           inflight;        /* rreq_t not yet called back */
+    int                handles_open;    /* retry_timer, and at most one poll */
+    am2z_redis_t      *next, *prev;     /* engine's list */
+};
+
+static void rlog(am2z_redis_t *r, int level, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    if (r->log == NULL)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    r->log(r->log_ud, level, buf);
+}
+
+/* ---- replies ------------------------------------------------------------ */
+
+void am2z_reply_free(void *p)
+{
+    am2z_reply_t *r = p;
+    if (r == NULL)
+        return;
+    for (size_t i = 0; i < r->elements; i++)
+        am2z_reply_free(r->element[i]);
+    free(r->element);
+    free(r->str);
+    free(r);
+}
+
+static am2z_reply_t *reply_dup(const redisReply *src)
+{
+    am2z_reply_t *r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return NULL;
+    r->type = src->type;
+    r->integer = src->integer;
+    if (src->type == REDIS_REPLY_STRING || src->type == REDIS_REPLY_STATUS
+        || src->type == REDIS_REPLY_ERROR) {
+        r->str = malloc(src->len + 1);
+        if (r->str == NULL)
+            goto fail;
+        memcpy(r->str, src->str, src->len);
+        r->str[src->len] = '\0';
+        r->len = src->len;
+    } else if (src->type == REDIS_REPLY_ARRAY && src->elements > 0) {
+        r->element = calloc(src->elements, sizeof(*r->element));
+        if (r->element == NULL)
+            goto fail;
+        r->elements = src->elements;
+        for (size_t i = 0; i < src->elements; i++) {
+            r->element[i] = reply_dup(src->element[i]);
+            if (r->element[i] == NULL)
+                goto fail;
+        }
+    }
+    return r;
+fail:
+    am2z_reply_free(r);
+    return NULL;
+}
+
+/* ---- libuv glue for hiredis --------------------------------------------- */
+
+static void rpoll_cb(uv_poll_t *h, int status, int events)
+{
+    rpoll_t *p = h->data;
+    /* An error on the socket: let hiredis read it and find out. */
+    if (status < 0)
+        events = UV_READABLE | UV_WRITABLE;
+    if (p->ac && (events & UV_READABLE))
+        redisAsyncHandleRead(p->ac);
+    if (p->ac && (events & UV_WRITABLE))
+        redisAsyncHandleWrite(p->ac);
+}
+
+static void rpoll_update(rpoll_t *p)
+{
+    if (uv_is_closing((uv_handle_t *) &p->poll))
+        return;
+    if (p->events)
+        uv_poll_start(&p->poll, p->events, rpoll_cb);
+    else
+        uv_poll_stop(&p->poll);
+}
+
+static void ev_add_read(void *d)  { rpoll_t *p = d; p->events |= UV_READABLE;  rpoll_update(p); }
+static void ev_del_read(void *d)  { rpoll_t *p = d; p->events &= ~UV_READABLE; rpoll_update(p); }
+static void ev_add_write(void *d) { rpoll_t *p = d; p->events |= UV_WRITABLE;  rpoll_update(p); }
+static void ev_del_write(void *d) { rpoll_t *p = d; p->events &= ~UV_WRITABLE; rpoll_update(p); }
+
+static void redis_maybe_free(am2z_redis_t *r);
+
+/* hiredis is freeing the context: the poll goes, asynchronously. The
+ * redis struct counts the close as pending until the callback has run. */
+static void poll_handle_closed(uv_handle_t *h);
+static void ev_cleanup(void *d)
+{
+    rpoll_t *p = d;
+    am2z_redis_t *r = p->ac ? p->ac->data : NULL;
+    p->ac = NULL;
+    p->events = 0;
+    if (r)
+        r->ac = NULL;
+    uv_close((uv_handle_t *) &p->poll, poll_handle_closed);
+}
+
+/* The poll plus the connection it belongs to, so the close callback can
+ * tell the connection its handle is gone (the rpoll_t comes first, so
+ * hiredis's ev.data and the handle's data both point at this). */
+typedef struct {
+    rpoll_t       p;
+    am2z_redis_t *r;
+} rpoll_owned_t;
+
+static void poll_handle_closed(uv_handle_t *h)
+{
+    rpoll_owned_t *po = h->data;
+    am2z_redis_t *r = po->r;
+    free(po);
+    if (r) {
+        r->handles_open--;
+        redis_maybe_free(r);
+    }
+}
+
+static int attach(am2z_redis_t *r, redisAsyncContext *ac)
+{
+    rpoll_owned_t *po = calloc(1, sizeof(*po));
+    if (po == NULL)
+        return AM2Z_ENOMEM;
+    if (uv_poll_init(r->e->loop, &po->p.poll, ac->c.fd) != 0) {
+        free(po);
+        return AM2Z_EUV;
+    }
+    po->p.poll.data = po;
+    po->p.ac = ac;
+    po->r = r;
+    r->handles_open++;
+    ac->ev.data = &po->p;
+    ac->ev.addRead = ev_add_read;
+    ac->ev.delRead = ev_del_read;
+    ac->ev.addWrite = ev_add_write;
+    ac->ev.delWrite = ev_del_write;
+    ac->ev.cleanup = ev_cleanup;
+    return AM2Z_OK;
+}
+
+/* ---- waiters for readiness ---------------------------------------------- */
+
+static void rwait_detach(void *ext)
+{
+    rwait_t *w = ext;
+    w->exec = NULL;
+}
+
+static void wake_waiters(am2z_redis_t *r, int status)
+{
+    rwait_t *w = r->waiters;
+    r->waiters = NULL;
+    while (w) {
+        rwait_t *next = w->next;
+        if (w->exec) {
+            am2z_exec_t *x = w->exec;
+            w->exec = NULL;
+            am2z_exec_complete_extern(x, w->gen, status, NULL, NULL);
+        }
+        free(w);
+        w = next;
+    }
+}
+
+/* ---- connecting ----------------------------------------------------------- */
+
+static void start_connect(am2z_redis_t *r);
+
+static void retry_cb(uv_timer_t *h)
+{
+    start_connect(h->data);
+}
+
+static void schedule_reconnect(am2z_redis_t *r)
+{
+    if (r->state == RS_CLOSED)
+        return;
+    r->state = RS_DOWN;
+    uint32_t d = r->backoff_ms ? r->backoff_ms : 100;
+    r->backoff_ms = d * 2 > r->reconnect_max_ms ? r->reconnect_max_ms : d * 2;
+    uv_timer_start(&r->retry_timer, retry_cb, d, 0);
+}
+
+static void on_noreply(redisAsyncContext *ac, void *reply, void *priv)
+{
+    (void) ac; (void) priv;
+    redisReply *rep = reply;
+    am2z_redis_t *r = ac->data;
+    if (r && rep && rep->type == REDIS_REPLY_ERROR)
+        rlog(r, AM2Z_LOG_ERROR, "redis %s:%d: set-up command failed: %s", r->host, r->port, rep->str);
+}
+
+static void on_connect(const redisAsyncContext *cac, int status)
+{
+    redisAsyncContext *ac = (redisAsyncContext *) cac;
+    am2z_redis_t *r = ac->data;
+    if (r == NULL)
+        return;
+    am2z__timer_stop(r->e, &r->connect_timer);
+    if (status != REDIS_OK) {
+        r->attempts++;
+        rlog(r, r->attempts == 1 ? AM2Z_LOG_WARN : AM2Z_LOG_DEBUG,
+             "redis %s:%d: connect failed (%s); retrying", r->host, r->port,
+             ac->errstr[0] ? ac->errstr : "error");
+        /* hiredis frees the context after this callback. */
+        r->ac = NULL;
+        wake_waiters(r, AM2Z_ECONNREFUSED);
+        schedule_reconnect(r);
+        return;
+    }
+    /* Set-up commands go first on the wire; anything sent after them runs
+     * in the right database and as the right user. */
+    if (r->password) {
+        if (r->username)
+            redisAsyncCommand(ac, on_noreply, NULL, "AUTH %s %s", r->username, r->password);
+        else
+            redisAsyncCommand(ac, on_noreply, NULL, "AUTH %s", r->password);
+    }
+    if (r->db)
+        redisAsyncCommand(ac, on_noreply, NULL, "SELECT %d", r->db);
+    if (r->client_name)
+        redisAsyncCommand(ac, on_noreply, NULL, "CLIENT SETNAME %s", r->client_name);
+    if (r->attempts > 0)
+        rlog(r, AM2Z_LOG_INFO, "redis %s:%d: connected again after %u failed attempt(s)",
+             r->host, r->port, r->attempts);
+    r->attempts = 0;
+    r->backoff_ms = 0;
+    r->state = RS_READY;
+    wake_waiters(r, AM2Z_OK);
+}
+
+static void on_disconnect(const redisAsyncContext *cac, int status)
+{
+    redisAsyncContext *ac = (redisAsyncContext *) cac;
+    am2z_redis_t *r = ac->data;
+    if (r == NULL)
+        return;
+    r->ac = NULL;                       /* hiredis frees it after this */
+    if (r->state == RS_CLOSED)
+        return;
+    rlog(r, AM2Z_LOG_WARN, "redis %s:%d: connection lost (%s); reconnecting", r->host, r->port,
+         status == REDIS_OK ? "closed" : (ac->errstr[0] ? ac->errstr : "error"));
+    schedule_reconnect(r);
+}
+
+static void connect_timeout_cb(am2z_timer_t *t)
+{
+    am2z_redis_t *r = AM2Z_CONTAINER_OF(t, am2z_redis_t, connect_timer);
+    if (r->state != RS_CONNECTING || r->ac == NULL)
+        return;
+    rlog(r, AM2Z_LOG_WARN, "redis %s:%d: connect timed out after %u ms", r->host, r->port,
+         r->connect_timeout_ms);
+    redisAsyncContext *ac = r->ac;
+    ac->data = NULL;                    /* its callbacks must not find us */
+    r->ac = NULL;
+    redisAsyncFree(ac);
+    r->attempts++;
+    wake_waiters(r, AM2Z_ETIMEDOUT);
+    schedule_reconnect(r);
+}
+
+static void start_connect(am2z_redis_t *r)
+{
+    redisAsyncContext *ac;
+    if (r->state == RS_CLOSED)
+        return;
+    r->state = RS_CONNECTING;
+    ac = redisAsyncConnect(r->host, r->port);
+    if (ac == NULL || ac->err) {
+        rlog(r, AM2Z_LOG_WARN, "redis %s:%d: %s", r->host, r->port,
+             ac ? ac->errstr : "out of memory");
+        if (ac)
+            redisAsyncFree(ac);
+        r->attempts++;
+        wake_waiters(r, AM2Z_ECONNREFUSED);
+        schedule_reconnect(r);
+        return;
+    }
+    ac->data = r;
+    if (attach(r, ac) != AM2Z_OK) {
+        ac->data = NULL;
+        redisAsyncFree(ac);
+        wake_waiters(r, AM2Z_ECONNREFUSED);
+        schedule_reconnect(r);
+        return;
+    }
+    r->ac = ac;
+    redisAsyncSetConnectCallback(ac, on_connect);
+    redisAsyncSetDisconnectCallback(ac, on_disconnect);
+    am2z__timer_start(r->e, &r->connect_timer, r->connect_timeout_ms, connect_timeout_cb);
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
+
+static void retry_timer_closed(uv_handle_t *h)
+{
+    am2z_redis_t *r = h->data;
+    r->handles_open--;
+    redis_maybe_free(r);
+}
+
+int am2z_redis_new(am2z_engine_t *e, const am2z_redis_opts_t *o, am2z_redis_t **out)
+{
+    am2z_redis_t *r;
+    if (e == NULL || o == NULL || out == NULL)
+        return AM2Z_EINVAL;
+    if (e->closing)
+        return AM2Z_ECLOSED;
+    r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return AM2Z_ENOMEM;
+    r->e = e;
+    r->host = strdup(o->host ? o->host : "127.0.0.1");
+    r->username = dup_or_null(o->username);
+    r->password = dup_or_null(o->password);
+    r->client_name = dup_or_null(o->client_name);
+    r->port = o->port ? o->port : 6379;
+    r->db = o->db;
+    r->connect_timeout_ms = o->connect_timeout_ms ? o->connect_timeout_ms : 5000;
+    r->reconnect_max_ms = o->reconnect_max_ms ? o->reconnect_max_ms : 5000;
+    r->log = o->log;
+    r->log_ud = o->log_ud;
+    r->connect_timer.heap_idx = UINT32_MAX;
+    if (r->host == NULL || uv_timer_init(e->loop, &r->retry_timer) != 0) {
+        free(r->host);
+        free(r->username);
+        free(r->password);
+        free(r->client_name);
+        free(r);
+        return AM2Z_ENOMEM;
+    }
+    r->retry_timer.data = r;
+    r->handles_open = 1;
+    /* Reconnecting alone must not keep a program alive. */
+    uv_unref((uv_handle_t *) &r->retry_timer);
+    r->next = e->redis;
+    if (e->redis)
+        e->redis->prev = r;
+    e->redis = r;
+    start_connect(r);
+    *out = r;
+    return AM2Z_OK;
+}
+
+int am2z_redis_ready(const am2z_redis_t *r)
+{
+    return r && r->state == RS_READY;
+}
+
+int am2z_redis_wait_ready(am2z_redis_t *r, am2z_exec_t *x)
+{
+    rwait_t *w;
+    int rc;
+    if (r == NULL || x == NULL)
+        return AM2Z_EINVAL;
+    if (r->state == RS_READY)
+        return AM2Z_READY;
+    if (r->state == RS_CLOSED)
+        return AM2Z_ECLOSED;
+    if (r->state == RS_DOWN)
+        return AM2Z_ECONNREFUSED;     /* the last attempt failed: say so now */
+    w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return AM2Z_ENOMEM;
+    rc = am2z_exec_wait_extern(x, w, rwait_detach, &w->gen);
+    if (rc != AM2Z_OK) {
+        free(w);
+        return rc;
+    }
+    /* Aborted already: wait_extern completed it and called detach. */
+    w->exec = x->req.kind == AM2Z_REQ_EXTERN ? x : NULL;
+    w->next = r->waiters;
+    r->waiters = w;
+    return AM2Z_OK;
+}
+
+/* ---- commands --------------------------------------------------------------- */
+
+static void rreq_detach(void *ext)
+{
+    rreq_t *q = ext;
+    q->exec = NULL;
+    am2z__timer_stop(q->r->e, &q->timer);
+}
+
+static void rreq_timeout_cb(am2z_timer_t *t)
+{
+    rreq_t *q = AM2Z_CONTAINER_OF(t, rreq_t, timer);
+    am2z_exec_t *x = q->exec;
+    q->exec = NULL;                     /* the reply, when it comes, is dropped */
+    if (x)
+        am2z_exec_complete_extern(x, q->gen, AM2Z_ETIMEDOUT, NULL, NULL);
+}
+
+static void reply_cb(redisAsyncContext *ac, void *reply, void *priv)
+{
+    rreq_t *q = priv;
+    am2z_redis_t *r = q->r;
+    (void) ac;
+    am2z__timer_stop(r->e, &q->timer);
+    if (q->exec) {
+        am2z_exec_t *x = q->exec;
+        am2z_reply_t *copy = reply ? reply_dup(reply) : NULL;
+        int status = reply == NULL ? AM2Z_ECONNRESET : (copy ? AM2Z_OK : AM2Z_ENOMEM);
+        q->exec = NULL;
+        am2z_exec_complete_extern(x, q->gen, status, copy, am2z_reply_free);
+    }
+    free(q);
+    r->inflight--;
+    redis_maybe_free(r);
+}
+
+int am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
+                       int argc, const char **argv, const size_t *argvlen)
+{
+    rreq_t *q;
+    int rc;
+    if (r == NULL || x == NULL || argc < 1 || argv == NULL)
+        return AM2Z_EINVAL;
+    if (r->state == RS_CLOSED)
+        return AM2Z_ECLOSED;
+    if (r->state != RS_READY || r->ac == NULL)
+        return AM2Z_ENOTCONN;
+    q = calloc(1, sizeof(*q));
+    if (q == NULL)
+        return AM2Z_ENOMEM;
+    q->r = r;
+    q->timer.heap_idx = UINT32_MAX;
+    rc = am2z_exec_wait_extern(x, q, rreq_detach, &q->gen);
+    if (rc != AM2Z_OK) {
+        free(q);
+        return rc;
+    }
+    if (redisAsyncCommandArgv(r->ac, reply_cb, q, argc, argv, argvlen) != REDIS_OK) {
+        /* Not queued: hiredis will never call us for it. */
+        q->exec = NULL;
+        if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext == q)
+            am2z_exec_complete_extern(x, q->gen, AM2Z_ENOTCONN, NULL, NULL);
+        free(q);
+        return AM2Z_OK;                 /* suspended; wakes with ENOTCONN */
+    }
+    r->inflight++;
+    if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext == q) {
+        q->exec = x;
+        if (timeout_ms)
+            am2z__timer_start(r->e, &q->timer, timeout_ms, rreq_timeout_cb);
+    }
+    return AM2Z_OK;
+}
+
+/* ---- closing -------------------------------------------------------------- */
+
+static void redis_maybe_free(am2z_redis_t *r)
+{
+    if (r->state != RS_CLOSED || r->handles_open > 0 || r->inflight > 0 || r->ac)
+        return;
+    free(r->host);
+    free(r->username);
+    free(r->password);
+    free(r->client_name);
+    free(r);
+}
+
+void am2z_redis_close(am2z_redis_t *r)
+{
+    am2z_engine_t *e;
+    if (r == NULL || r->state == RS_CLOSED)
+        return;
+    e = r->e;
+    r->state = RS_CLOSED;
+    r->log = NULL;                      /* its owner may be gone after this */
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        e->redis = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    r->next = r->prev = NULL;
+    am2z__timer_stop(e, &r->connect_timer);
+    wake_waiters(r, AM2Z_ECLOSED);
+    uv_timer_stop(&r->retry_timer);
+    uv_close((uv_handle_t *) &r->retry_timer, retry_timer_closed);
+    if (r->ac) {
+        redisAsyncContext *ac = r->ac;
+        /* Frees the context now: every pending reply callback runs with
+         * NULL (ECONNRESET for whoever still waits), then ev_cleanup closes
+         * the poll. */
+        redisAsyncFree(ac);
+        r->ac = NULL;
+    }
+    redis_maybe_free(r);
+}
+
+void am2z__redis_close_all(am2z_engine_t *e)
+{
+    while (e->redis)
+        am2z_redis_close(e->redis);
+}
