@@ -22,6 +22,10 @@ am2z_engine_t *am2z_lua_engine(lua_State *L);
  * (0 on error, with a message on the stack). */
 uint64_t am2z_lua_spawn_main(lua_State *L, int nargs);
 
+/* Runs the engine's loop from the host (marks it running, so Lua code cannot
+ * start a nested loop from a callback). -1 when it already runs. */
+int am2z_lua_run(lua_State *L, uv_run_mode mode);
+
 /* After the loop ends: status of the main execution and its error text. */
 int am2z_lua_main_status(lua_State *L, uint64_t id, const char **errmsg);
 

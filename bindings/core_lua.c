@@ -59,7 +59,7 @@ typedef struct {
     lua_State *co;          /* borrowed: anchored at threads[tslot]; NULL once the body ended */
     int        tslot;       /* slot in the threads table; 0 when none */
     int        rslot;       /* slot in the results table; 0 when none */
-    int        abort_ref;   /* onAbort callbacks table in the callbacks table */
+    int        abort_ref;   /* onAbort callbacks table in the callbacks table; 0 when none */
     int        cslot;       /* continuation { fn, a1, a2 } in the conts table; 0 when none */
     int        nargs;       /* arguments waiting on co's stack for the first resume */
     int        started;
@@ -126,7 +126,8 @@ static lexec_t *LX(am2z_exec_t *x)
 
 static void reg_unref(lhost_t *h, lua_State *L, int table_ref, int *ref)
 {
-    if (*ref == LUA_NOREF || *ref == LUA_REFNIL) {
+    /* 0 is "none" as well: host records start zeroed. */
+    if (*ref <= 0) {
         *ref = LUA_NOREF;
         return;
     }
@@ -428,8 +429,8 @@ static void host_resume(void *hostp, am2z_exec_t *x)
 
     if (st == LUA_YIELD) {
         int s = am2z_exec_state(x);
-        if (s == AM2Z_EXEC_SUSPENDED || s == AM2Z_EXEC_READY)
-            return;
+        /* The body returned (checked first: a request it began but could not
+         * wait for is cut loose by am2z_exec_finish below). */
         if (lua_gettop(co) == 1 && lua_touserdata(co, 1) == &AM2Z_POOL_MARK) {
             lua_State *L = host_L(h);
             lua_settop(co, 0);
@@ -448,6 +449,8 @@ static void host_resume(void *hostp, am2z_exec_t *x)
             am2z_exec_finish(x, ok ? AM2Z_OK : AM2Z_EFAILED);
             return;
         }
+        if (s == AM2Z_EXEC_SUSPENDED || s == AM2Z_EXEC_READY)
+            return;
         /* A plain coroutine.yield from the body: nothing will ever resume
          * it, so fail the execution rather than leave it hanging. */
         lua_settop(co, 0);
@@ -516,9 +519,15 @@ static void host_abort(void *hostp, am2z_exec_t *x, int reason)
     lua_State *L;
     int n, i, base;
 
-    if (h->closing || lx->abort_ref == LUA_NOREF)
+    if (h->closing || lx->abort_ref <= 0)
         return;
     L = host_L(h);
+    /* The callbacks belong to no execution: a wait or spawn from them must
+     * fail cleanly instead of acting for whatever body is running now. */
+    lua_State *saved_running = h->running;
+    am2z_exec_t *saved_current = h->current;
+    h->running = NULL;
+    h->current = NULL;
     lua_checkstack(L, 8);
     base = lua_gettop(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->cbs_ref);
@@ -526,6 +535,8 @@ static void host_abort(void *hostp, am2z_exec_t *x, int reason)
     reg_unref(h, L, h->cbs_ref, &lx->abort_ref);
     if (!lua_istable(L, -1)) {
         lua_settop(L, base);
+        h->running = saved_running;
+        h->current = saved_current;
         return;
     }
     n = (int) lua_objlen(L, -1);
@@ -538,6 +549,8 @@ static void host_abort(void *hostp, am2z_exec_t *x, int reason)
         lua_settop(L, base + 2);
     }
     lua_settop(L, base);
+    h->running = saved_running;
+    h->current = saved_current;
 }
 
 /* ---- argument checks ---------------------------------------------------- */
@@ -558,6 +571,20 @@ static am2z_exec_t *check_current(lua_State *L, lhost_t *h, const char *fname)
         return NULL;
     }
     return h->current;
+}
+
+/* For every call that suspends: the coroutine must be able to yield from
+ * here. A wait from a function that C called (a table.sort comparator, a
+ * gsub callback, a metamethod, an onAbort callback) would start a request
+ * and then fail to yield, leaving the execution out of step with its body. */
+static am2z_exec_t *check_can_wait(lua_State *L, lhost_t *h, const char *fname)
+{
+    am2z_exec_t *x = check_current(L, h, fname);
+    if (!lua_isyieldable(L))
+        luaL_error(L, "%s: cannot wait here: called from a function that C called "
+                      "(a table.sort comparator, a string.gsub callback, a metamethod, "
+                      "an onAbort callback, ...)", fname);
+    return x;
 }
 
 static uint64_t check_id(lua_State *L, int idx)
@@ -638,7 +665,7 @@ static int spawn_body(lhost_t *h, lua_State *L, int fidx, int aidx, int nargs,
     lx->tslot = tslot;
     lx->rslot = 0;
     lx->cslot = 0;
-    lx->abort_ref = LUA_NOREF;
+    lx->abort_ref = 0;
     lx->nargs = nargs + 1;                  /* fn + its arguments */
     *out = x;
     return AM2Z_OK;
@@ -754,7 +781,7 @@ static int l_spawn(lua_State *L)
 static int l_wait_child(lua_State *L)
 {
     lhost_t *h = HOST(L);
-    am2z_exec_t *x = check_current(L, h, "core.wait_child");
+    am2z_exec_t *x = check_can_wait(L, h, "core.wait_child");
     int rc = am2z_exec_wait_child(x);
     if (rc == AM2Z_READY)
         return push_child(h, L, am2z_exec_take_child(x));
@@ -770,7 +797,7 @@ static int l_wait(lua_State *L)
 {
     lhost_t *h = HOST(L);
     uint64_t id = check_id(L, 1);
-    am2z_exec_t *x = check_current(L, h, "core.wait");
+    am2z_exec_t *x = check_can_wait(L, h, "core.wait");
     am2z_exec_t *t = am2z_exec_find(h->e, id);
     int rc;
 
@@ -799,7 +826,7 @@ static int l_sleep(lua_State *L)
 
     if (!(ms >= 0) || isinf(ms))
         return luaL_argerror(L, 1, "expected a finite number of milliseconds >= 0");
-    x = check_current(L, h, "sleep");
+    x = check_can_wait(L, h, "sleep");
     rc = am2z_exec_sleep(x, ms);
     if (rc != AM2Z_OK)
         return fail(L, rc);
@@ -810,7 +837,7 @@ static int l_sleep(lua_State *L)
 static int l_yield(lua_State *L)
 {
     lhost_t *h = HOST(L);
-    am2z_exec_t *x = check_current(L, h, "core.yield");
+    am2z_exec_t *x = check_can_wait(L, h, "core.yield");
     int rc = am2z_exec_yield(x);
     if (rc != AM2Z_OK)
         return fail(L, rc);
@@ -823,7 +850,7 @@ static int l_wait_host(lua_State *L)
 {
     lhost_t *h = HOST(L);
     uint64_t token = check_id(L, 1);
-    am2z_exec_t *x = check_current(L, h, "core.wait_host");
+    am2z_exec_t *x = check_can_wait(L, h, "core.wait_host");
     int rc = am2z_exec_wait_host(x, token);
     if (rc != AM2Z_OK)
         return fail(L, rc);
@@ -893,7 +920,7 @@ static int l_on_abort(lua_State *L)
     }
     lexec_t *lx = LX(x);
     lua_rawgeti(L, LUA_REGISTRYINDEX, h->cbs_ref);
-    if (lx->abort_ref == LUA_NOREF) {
+    if (lx->abort_ref <= 0) {
         lua_newtable(L);
         lua_pushvalue(L, -1);
         lx->abort_ref = luaL_ref(L, -3);
@@ -1298,7 +1325,7 @@ static int l_redis_wait_ready(lua_State *L)
 {
     lhost_t *h = HOST(L);
     lredis_t *c = check_redis(L, 1);
-    am2z_exec_t *x = check_current(L, h, "redis connect");
+    am2z_exec_t *x = check_can_wait(L, h, "redis connect");
     int rc = am2z_redis_wait_ready(c->r, x);
     if (rc == AM2Z_READY) {
         lua_pushboolean(L, 1);
@@ -1333,7 +1360,7 @@ static int l_redis_call(lua_State *L)
             return luaL_error(L, "redis call: argument %d must be a string or a number, got %s",
                               i + 1, lua_typename(L, t));
     }
-    x = check_current(L, h, "redis call");
+    x = check_can_wait(L, h, "redis call");
     /* No raise below: the argument vector may be heap memory. */
     if (argc > 32) {
         argv = malloc((size_t) argc * sizeof(*argv));
@@ -1354,6 +1381,17 @@ static int l_redis_call(lua_State *L)
     if (rc != AM2Z_OK)
         return fail(L, rc);
     return lua_yield(L, 0);
+}
+
+/* core.redis_script(name) -> source | nil */
+static int l_redis_script(lua_State *L)
+{
+    const char *src = am2z_redis_script(luaL_checkstring(L, 1));
+    if (src == NULL)
+        lua_pushnil(L);
+    else
+        lua_pushstring(L, src);
+    return 1;
 }
 
 static int l_redis_ready(lua_State *L)
@@ -1422,6 +1460,7 @@ static const luaL_Reg core_funcs[] = {
     { "redis_wait_ready", l_redis_wait_ready },
     { "redis_call", l_redis_call },
     { "redis_ready", l_redis_ready },
+    { "redis_script", l_redis_script },
     { "redis_close", redis_gc },
     { "cancel_main", l_cancel_main },
     { NULL, NULL }
@@ -1577,6 +1616,21 @@ uint64_t am2z_lua_spawn_main(lua_State *L, int nargs)
         am2z_exec_ref(h->main_exec);
     h->loop_L = L;
     return id;
+}
+
+int am2z_lua_run(lua_State *L, uv_run_mode mode)
+{
+    lhost_t *h = get_host(L);
+    int alive;
+    if (h == NULL || h->in_run || h->running)
+        return -1;
+    lua_State *saved = h->loop_L;
+    h->loop_L = L;
+    h->in_run++;
+    alive = uv_run(am2z_engine_loop(h->e), mode);
+    h->in_run--;
+    h->loop_L = saved;
+    return alive;
 }
 
 int am2z_lua_main_status(lua_State *L, uint64_t id, const char **errmsg)

@@ -255,7 +255,7 @@ int main(int argc, char **argv)
     uv_unref((uv_handle_t *) &sig_int);
     uv_unref((uv_handle_t *) &sig_term);
 
-    uv_run(loop, UV_RUN_DEFAULT);
+    am2z_lua_run(L, UV_RUN_DEFAULT);
 
     const char *err = NULL;
     int st = am2z_lua_main_status(L, 0, &err);

@@ -130,6 +130,7 @@ struct am2z_engine_s {
      * bodies on one C stack and corrupt the host's interpreter state. */
     int            resuming;
     int            closing;
+    int            killing;       /* am2z__exec_kill_all is freeing every record */
 
     am2z_tlist_t **heap;          /* owned array: non-empty lists by head due */
     uint32_t       heap_len, heap_cap;

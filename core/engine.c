@@ -95,7 +95,9 @@ static void heap_rearm(am2z_engine_t *e)
     double wait = due - am2z_now_ms();
     /* libuv timers have millisecond resolution and fire at or after their
      * due time; rounding up keeps a sleep from returning early. */
-    uint64_t ms = wait <= 0 ? 0 : (uint64_t) ceil(wait);
+    /* Clamped: a conversion of 2^64 ms or more is undefined and came out as
+     * 0 here, re-arming a zero timer for ever. */
+    uint64_t ms = wait <= 0 ? 0 : wait >= 1e15 ? (uint64_t) 1e15 : (uint64_t) ceil(wait);
     uv_update_time(e->loop);
     uv_timer_start(&e->heap_timer, heap_timer_cb, ms, 0);
     e->heap_timer_due = due;
@@ -275,6 +277,9 @@ void am2z__post(am2z_exec_t *x)
     am2z_engine_t *e = x->engine;
     if (x->queued)
         return;
+    /* The queue holds a reference: a record must not be freed (and
+     * recycled, cutting the list) while it is still linked here. */
+    am2z_exec_ref(x);
     x->queued = 1;
     x->ready_next = NULL;
     if (e->ready_tail)
@@ -283,8 +288,6 @@ void am2z__post(am2z_exec_t *x)
         e->ready_head = x;
     e->ready_tail = x;
     e->stats.ready++;
-    /* The body's reference keeps x alive while queued: only finish drops
-     * it, and finish only happens for a running body, never a queued one. */
     if (!uv_is_active((uv_handle_t *) &e->drain_idle))
         uv_idle_start(&e->drain_idle, drain_cb);
 }
@@ -315,12 +318,12 @@ static void drain_cb(uv_idle_t *h)
 
     while (n < e->drain_budget && (x = ready_pop(e)) != NULL) {
         /* Posted for an older suspension (a stale wake), or killed since. */
-        if (x->state == AM2Z_EXEC_DONE)
+        if (x->state == AM2Z_EXEC_DONE
+            || (x->state != AM2Z_EXEC_NEW && x->state != AM2Z_EXEC_READY)
+            || (x->state == AM2Z_EXEC_READY && x->wake_gen != x->gen)) {
+            am2z_exec_unref(x);           /* the queue's reference */
             continue;
-        if (x->state != AM2Z_EXEC_NEW && x->state != AM2Z_EXEC_READY)
-            continue;
-        if (x->state == AM2Z_EXEC_READY && x->wake_gen != x->gen)
-            continue;
+        }
         assert(!e->resuming);
         if (x->state == AM2Z_EXEC_NEW) {
             x->started = 1;
@@ -332,6 +335,7 @@ static void drain_cb(uv_idle_t *h)
         e->resuming = 1;
         e->hooks.resume(e->host, x);
         e->resuming = 0;
+        am2z_exec_unref(x);               /* the queue's reference */
         n++;
     }
     if (e->ready_head == NULL)
@@ -473,6 +477,13 @@ fail_loop:
     return AM2Z_EUV;
 }
 
+static void close_leftover_cb(uv_handle_t *h, void *arg)
+{
+    (void) arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
 void am2z_engine_free(am2z_engine_t *e)
 {
     if (e == NULL)
@@ -490,9 +501,12 @@ void am2z_engine_free(am2z_engine_t *e)
     while (e->handles_open > 0)
         uv_run(e->loop, UV_RUN_NOWAIT);
     if (e->own_loop) {
-        /* Anything an embedder or the host left open on our loop. */
-        while (uv_loop_close(e->loop) == UV_EBUSY)
+        /* Anything an embedder or the host left open on our loop is closed
+         * here, or uv_loop_close would stay busy for ever. */
+        while (uv_loop_close(e->loop) == UV_EBUSY) {
+            uv_walk(e->loop, close_leftover_cb, NULL);
             uv_run(e->loop, UV_RUN_NOWAIT);
+        }
     }
     while (e->spare) {
         am2z_exec_t *x = e->spare;

@@ -25,6 +25,13 @@ void am2z_exec_ref(am2z_exec_t *x)
 
 void am2z_exec_unref(am2z_exec_t *x)
 {
+    /* During shutdown kill_all frees every record itself, after all release
+     * hooks ran: a hook dropping a reference must not free early. */
+    if (x->engine->killing) {
+        if (x->refs > 0)
+            x->refs--;
+        return;
+    }
     assert(x->refs > 0);
     if (--x->refs == 0)
         exec_free(x);
@@ -220,7 +227,10 @@ static int req_begin(am2z_exec_t *x, int kind)
 
 int am2z_exec_sleep(am2z_exec_t *x, double ms)
 {
-    int rc = req_begin(x, AM2Z_REQ_SLEEP);
+    int rc;
+    if (!(ms >= 0) || ms > 4294967295.0)
+        return AM2Z_EINVAL;               /* NaN would break the timer order */
+    rc = req_begin(x, AM2Z_REQ_SLEEP);
     if (rc != AM2Z_OK)
         return rc;
     am2z__timer_start(x->engine, &x->req.timer, ms, sleep_cb);
@@ -545,8 +555,17 @@ void am2z__exec_kill_all(am2z_engine_t *e)
             e->stats.running--;
         x->state = AM2Z_EXEC_DONE;
     }
+    /* Every release hook runs while all records are still alive (a hook may
+     * drop references to others), then everything is freed. */
+    e->killing = 1;
+    for (x = e->all; x; x = x->all_next)
+        if (e->hooks.release)
+            e->hooks.release(e->host, x);
     while ((x = e->all) != NULL) {
-        x->refs = 0;
-        exec_free(x);
+        e->all = x->all_next;
+        am2z__idmap_del(e, x);
+        e->stats.live--;
+        free(x);
     }
+    e->killing = 0;
 }

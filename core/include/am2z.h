@@ -284,6 +284,10 @@ int  am2z_redis_wait_ready(am2z_redis_t *r, am2z_exec_t *x);
 int  am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
                         int argc, const char **argv, const size_t *argvlen);
 
+/* The source of one of the server-side scripts of the BullMQ-compatible
+ * queue layer (core/redis-scripts/<name>.lua), or NULL. */
+const char *am2z_redis_script(const char *name);
+
 /* ---- retry arithmetic (the same in every runtime) --------------------- */
 
 typedef struct {

@@ -58,6 +58,8 @@ am2z.LocalRuntime = runtime.LocalRuntime
 
 -- Redis connections (the base of the queue layer)
 am2z.redis = require("am2z.redis")
+-- BullMQ 6 compatible queues (Queue, Worker, QueueEvents, Job)
+am2z.queue = require("am2z.queue")
 
 -- Logging
 am2z.createLogger = log.createLogger

@@ -1,0 +1,63 @@
+--[[
+  Moves an active job to completed or failed (BullMQ 6 semantics): checks
+  and releases the lock, keeps or removes the job by the retention options,
+  writes the events, counts the attempt.
+  KEYS: 1 wait, 2 active, 3 prioritized, 4 events, 5 stalled, 6 meta, 7 target (completed|failed)
+  ARGV: 1 key prefix, 2 id, 3 now, 4 field (returnvalue|failedReason), 5 value,
+        6 target name, 7 token, 8 keep count (-1: all), 9 keep age (s, 0: none),
+        10 keep limit, 11 stacktrace JSON or "", 12 opts.attempts
+  Returns 0, or -1 (no job), -2 (lock missing), -6 (lock held by another
+  worker), -3 (not active).
+]]
+local rcall = redis.call
+local P, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local J = P .. id
+if rcall("EXISTS", J) == 0 then return -1 end
+local token = ARGV[7]
+if token ~= "0" then
+  local lock = rcall("GET", J .. ":lock")
+  if not lock then return -2 end
+  if lock ~= token then return -6 end
+  rcall("DEL", J .. ":lock")
+  rcall("SREM", KEYS[5], id)
+end
+if ARGV[11] ~= "" then
+  rcall("HMSET", J, "failedReason", ARGV[5], "stacktrace", ARGV[11])
+end
+if rcall("LREM", KEYS[2], -1, id) == 0 then return -3 end
+
+local maxEvents = rcall("HGET", KEYS[6], "opts.maxLenEvents") or 10000
+rcall("XTRIM", KEYS[4], "MAXLEN", "~", maxEvents)
+local atm = rcall("HINCRBY", J, "atm", 1)
+
+local function remove_job(jid)
+  rcall("DEL", P .. jid, P .. jid .. ":logs", P .. jid .. ":lock")
+end
+
+local keepCount, keepAge, keepLimit = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+if keepCount == 0 then
+  remove_job(id)
+else
+  rcall("ZADD", KEYS[7], now, id)
+  rcall("HMSET", J, ARGV[4], ARGV[5], "finishedOn", now)
+  if ARGV[6] == "failed" then rcall("HDEL", J, "defa") end
+  if keepAge > 0 then
+    local old = rcall("ZRANGEBYSCORE", KEYS[7], 0, now - keepAge * 1000, "LIMIT", 0, keepLimit)
+    for _, jid in ipairs(old) do remove_job(jid) end
+    if #old > 0 then rcall("ZREM", KEYS[7], unpack(old)) end
+  end
+  if keepCount > 0 then
+    local extra = rcall("ZREVRANGE", KEYS[7], keepCount, -1)
+    for _, jid in ipairs(extra) do remove_job(jid) end
+    if #extra > 0 then rcall("ZREMRANGEBYRANK", KEYS[7], 0, #extra - 1) end
+  end
+end
+
+rcall("XADD", KEYS[4], "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5], "prev", "active")
+if ARGV[6] == "failed" and atm >= (tonumber(ARGV[12]) or 0) then
+  rcall("XADD", KEYS[4], "*", "event", "retries-exhausted", "jobId", id, "attemptsMade", atm)
+end
+if rcall("LLEN", KEYS[1]) == 0 and rcall("LLEN", KEYS[2]) == 0 and rcall("ZCARD", KEYS[3]) == 0 then
+  rcall("XADD", KEYS[4], "*", "event", "drained")
+end
+return 0
