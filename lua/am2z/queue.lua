@@ -834,9 +834,14 @@ function QueueEvents:_waitFor(id, ttl)
   local ws = self._waiters[id] or {}
   ws[#ws + 1] = x
   self._waiters[id] = ws
-  -- It may have finished before we listened: ask the job itself once.
-  local q = Queue.new(self.name, { prefix = self.prefix, connection = self._opts.connection })
-  q._c = self._conn
+  -- It may have finished before we listened: ask the job itself once, on
+  -- a connection of its own (the events connection is blocked in XREAD).
+  local q = self._queue
+  if not q then
+    q = Queue.new(self.name, { prefix = self.prefix, connection = self._opts.connection,
+                               logger = self._logger })
+    self._queue = q
+  end
   local state = q:getJobState(id)
   if state == "completed" or state == "failed" then
     self._waiters[id] = nil
@@ -862,6 +867,7 @@ function QueueEvents:close()
   self._closing = true
   if self._loop then core.cancel(self._loop) end
   if self._conn then self._conn:close() end
+  if self._queue then self._queue:close() end
 end
 
 return M
