@@ -102,7 +102,15 @@ M.Job = Job
 local function job_from_hash(queue, id, h)
   local j = setmetatable({ id = id, queue = queue }, Job)
   j.name = h.name
-  j.data = decode(h.data, {})
+  if h.data ~= nil then
+    local okd, d = pcall(cjson.decode, h.data)
+    if okd then j.data = d else
+      j.data = nil
+      j._badData = "job data is not valid JSON (" .. tostring(d):gsub("^.-: ", "") .. ")"
+    end
+  else
+    j.data = {}
+  end
   j.opts = decode(h.opts, {})
   j.timestamp = tonumber(h.timestamp)
   j.delay = tonumber(h.delay) or 0
@@ -407,6 +415,51 @@ function Queue:isPaused()
   return self:_conn():call("HEXISTS", self.keys.meta, "paused") == 1
 end
 
+--- Removes every job waiting to run (and the delayed ones when asked).
+function Queue:drain(delayed)
+  local k = self.keys
+  return script("drain"):run(self:_conn(), { k.wait, k.paused, k.prioritized, k.delayed },
+    { k.P, delayed and "1" or "0" })
+end
+
+local CLEAN_STATES = { completed = "zset", failed = "zset", delayed = "zset", prioritized = "zset",
+                       wait = "list", waiting = "list", paused = "list", active = "list" }
+
+--- Removes up to `limit` (0: all) jobs in `state` older than `graceMs`;
+--- returns their ids.
+function Queue:clean(graceMs, limit, state)
+  state = state or "completed"
+  local kind = CLEAN_STATES[state]
+  if type(graceMs) ~= "number" or graceMs < 0 then
+    error("queue:clean: expected graceMs to be a number >= 0, got " .. describe(graceMs), 2)
+  end
+  if not kind then error("queue:clean: unknown state " .. describe(state), 2) end
+  local k = self.keys
+  local key = (state == "waiting" or state == "wait") and k.wait or k[state]
+  return script("cleanJobsInSet"):run(self:_conn(), { key, k.events, k.meta },
+    { k.P, string.format("%d", floor(wall_ms() - graceMs)), limit or 0,
+      state == "waiting" and "wait" or state, kind })
+end
+
+--- Deletes the queue and all its jobs (pausing it first, as BullMQ does).
+--- Refuses while jobs are active unless { force = true }.
+function Queue:obliterate(opts)
+  opts = opts or {}
+  local ok, err = self:pause()
+  if not ok then return nil, err end
+  local k = self.keys
+  while true do
+    local r, rerr = script("obliterate"):run(self:_conn(), { k.meta, self.prefix .. ":" .. self.name },
+      { opts.count or 1000, opts.force and "1" or "0" })
+    if r == nil then return nil, rerr end
+    if r == -2 then
+      return nil, errors.ValidationError("force", false,
+        "queue:obliterate: cannot obliterate a queue with active jobs (pass { force = true })")
+    end
+    if r == 0 then return true end
+  end
+end
+
 function Queue:close()
   if self._c then self._c:close() end
   self._c = nil
@@ -531,8 +584,10 @@ local function process_job(w, job, token)
   local conn = w._conn
   w:_emit("active", job, "waiting")
   local ok, result, perr
-  if job._defa then
-    ok, result = false, job._defa
+  if job._defa or job._badData then
+    -- Failed unprocessed and without retry: a deferred failure (stalled
+    -- too often) or a payload that is not JSON.
+    ok, result = false, job._defa or job._badData
   else
     ok, result, perr = xpcall(w.processor, function(e)
       return { value = e, tb = debug.traceback(tostring(type(e) == "table" and (e.message or e) or e), 2) }
@@ -574,7 +629,7 @@ local function process_job(w, job, token)
     end
     local st = cjson.encode(stack)
     local attempts = tonumber(job.opts.attempts) or 0
-    local unrecoverable = job._defa ~= nil
+    local unrecoverable = job._defa ~= nil or job._badData ~= nil
     if not unrecoverable and job.attemptsMade + 1 < attempts then
       local delay = backoff_delay(job.opts, job.attemptsMade)
       local r, err = script("retryJob"):run(conn,
