@@ -175,4 +175,55 @@ describe("BullMQ interop #redis #interop", function()
       q:close()
     end)
   end)
+
+  it("Bull Board's BullMQ adapter reports the counts, job details and workers of queues am2z-lua wrote", function()
+    local name = fresh_queue()
+    run(function()
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      local ev = am2z.queue.QueueEvents.new(name, { connection = conn, logger = silent })
+      ev:waitUntilReady()
+      local ok_job = assert(q:add("double", { x = 2 }))
+      local bad_job = assert(q:add("fail", { x = 0 }, { attempts = 2 }))
+      local w = am2z.queue.Worker.new(name, function(job)
+        job:updateProgress(75)
+        if job.name == "fail" then error("board sees this") end
+        return { doubled = job.data.x * 2 }
+      end, { connection = conn, logger = silent, name = "lua-w1" })
+      assert.are.same({ doubled = 4 }, ok_job:waitUntilFinished(ev, 10000))
+      local _, err = bad_job:waitUntilFinished(ev, 10000)
+      assert.matches("board sees this", err.message)
+      local later = assert(q:add("double", { x = 9 }, { delay = 60000 }))
+      local board = node("board.js", URL, name)
+      assert.are.same({ active = 0, completed = 1, delayed = 1, failed = 1, prioritized = 0,
+                        waiting = 0, ["waiting-children"] = 0 }, board.counts)
+      assert.is_false(board.isPaused)
+      local by_id = {}
+      for _, j in ipairs(board.jobs) do by_id[j.id] = j end
+      local okj = by_id[ok_job.id]
+      assert.are.same({ doubled = 4 }, okj.returnValue)
+      assert.are.same({ x = 2 }, okj.data)
+      assert.are.equal("double", okj.name)
+      assert.are.equal(75, okj.progress)
+      assert.are.equal(1, okj.attempts)
+      assert.are.equal("lua-w1", okj.processedBy)
+      assert.is_number(okj.finishedOn)
+      local badj = by_id[bad_job.id]
+      assert.is_true(badj.isFailed)
+      assert.matches("board sees this", badj.failedReason)
+      assert.are.equal(2, badj.attempts)
+      assert.are.equal(2, #badj.stacktrace)
+      assert.are.equal(60000, by_id[later.id].delay)
+      -- the worker shows up in Bull Board's worker list while it runs
+      local found = false
+      for _, wn in ipairs(board.workers) do
+        if wn:find(":w:lua-w1", 1, true) then found = true end
+      end
+      assert.is_true(found, "workers: " .. cjson.encode(board.workers))
+      q:pause()
+      assert.is_true(node("board.js", URL, name).isPaused)
+      w:close()
+      ev:close()
+      q:close()
+    end)
+  end)
 end)
