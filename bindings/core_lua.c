@@ -1416,6 +1416,85 @@ static int redis_gc(lua_State *L)
     return 0;
 }
 
+/* ---- lock keeper ----------------------------------------------------------- */
+
+#define AM2Z_LK_MT "am2z.lockkeeper"
+
+typedef struct { am2z_lockkeeper_t *k; } llk_t;
+
+/* core.lockkeeper_new{ host, port, username, password, db, stalledKey,
+ *                      lockDuration, interval } -> keeper */
+static int l_lk_new(lua_State *L)
+{
+    am2z_lockkeeper_opts_t o;
+    llk_t *u;
+    int rc;
+    luaL_checktype(L, 1, LUA_TTABLE);
+    memset(&o, 0, sizeof(o));
+    o.host = opt_string(L, 1, "host");
+    o.username = opt_string(L, 1, "username");
+    o.password = opt_string(L, 1, "password");
+    o.stalled_key = opt_string(L, 1, "stalledKey");
+    o.port = (int) opt_int(L, 1, "port", 6379);
+    o.db = (int) opt_int(L, 1, "db", 0);
+    o.lock_ms = (uint32_t) opt_int(L, 1, "lockDuration", 30000);
+    o.interval_ms = (uint32_t) opt_int(L, 1, "interval", 0);
+    if (o.stalled_key == NULL)
+        return luaL_error(L, "core.lockkeeper_new: expected stalledKey");
+    u = lua_newuserdata(L, sizeof(*u));
+    u->k = NULL;
+    luaL_getmetatable(L, AM2Z_LK_MT);
+    lua_setmetatable(L, -2);
+    rc = am2z_lockkeeper_new(&o, &u->k);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return 1;
+}
+
+static llk_t *check_lk(lua_State *L)
+{
+    llk_t *u = luaL_checkudata(L, 1, AM2Z_LK_MT);
+    if (u->k == NULL)
+        luaL_argerror(L, 1, "the lock keeper is closed");
+    return u;
+}
+
+static int l_lk_add(lua_State *L)
+{
+    llk_t *u = check_lk(L);
+    int rc = am2z_lockkeeper_add(u->k, luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                                 luaL_checkstring(L, 4));
+    lua_pushboolean(L, rc == AM2Z_OK);
+    return 1;
+}
+
+static int l_lk_remove(lua_State *L)
+{
+    llk_t *u = check_lk(L);
+    lua_pushboolean(L, am2z_lockkeeper_remove(u->k, luaL_checkstring(L, 2)) == AM2Z_OK);
+    return 1;
+}
+
+static int l_lk_counts(lua_State *L)
+{
+    llk_t *u = check_lk(L);
+    unsigned long ok = 0, bad = 0;
+    am2z_lockkeeper_counts(u->k, &ok, &bad);
+    lua_pushnumber(L, (lua_Number) ok);
+    lua_pushnumber(L, (lua_Number) bad);
+    return 2;
+}
+
+static int lk_gc(lua_State *L)
+{
+    llk_t *u = luaL_checkudata(L, 1, AM2Z_LK_MT);
+    if (u->k) {
+        am2z_lockkeeper_free(u->k);   /* joins the thread: no Lua involved */
+        u->k = NULL;
+    }
+    return 0;
+}
+
 /* ---- module ------------------------------------------------------------- */
 
 static int host_gc(lua_State *L)
@@ -1461,6 +1540,11 @@ static const luaL_Reg core_funcs[] = {
     { "redis_call", l_redis_call },
     { "redis_ready", l_redis_ready },
     { "redis_script", l_redis_script },
+    { "lockkeeper_new", l_lk_new },
+    { "lockkeeper_add", l_lk_add },
+    { "lockkeeper_remove", l_lk_remove },
+    { "lockkeeper_counts", l_lk_counts },
+    { "lockkeeper_close", lk_gc },
     { "redis_close", redis_gc },
     { "cancel_main", l_cancel_main },
     { NULL, NULL }
@@ -1537,6 +1621,11 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
         lua_pushlightuserdata(L, &AM2Z_HOST_KEY);
         lua_pushvalue(L, hidx);
         lua_rawset(L, LUA_REGISTRYINDEX);
+
+        luaL_newmetatable(L, AM2Z_LK_MT);
+        lua_pushcfunction(L, lk_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pop(L, 1);
 
         luaL_newmetatable(L, AM2Z_REDIS_MT);
         lua_pushcfunction(L, redis_gc);

@@ -284,6 +284,26 @@ int  am2z_redis_wait_ready(am2z_redis_t *r, am2z_exec_t *x);
 int  am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
                         int argc, const char **argv, const size_t *argvlen);
 
+/* ---- lock keeper: job-lock renewal on a thread of its own --------------
+ * Renews every registered lock (SET PX when still held with its token)
+ * every interval, on its own blocking connection, so locks survive a
+ * processor that keeps the loop thread busy. Thread-safe add/remove. */
+typedef struct am2z_lockkeeper_s am2z_lockkeeper_t;
+typedef struct {
+    const char *host;
+    int         port;
+    const char *username, *password;
+    int         db;
+    const char *stalled_key;     /* "<prefix>:<queue>:stalled" */
+    uint32_t    lock_ms;         /* new lock TTL */
+    uint32_t    interval_ms;     /* 0: lock_ms / 2 */
+} am2z_lockkeeper_opts_t;
+int  am2z_lockkeeper_new(const am2z_lockkeeper_opts_t *o, am2z_lockkeeper_t **out);
+int  am2z_lockkeeper_add(am2z_lockkeeper_t *k, const char *lock_key, const char *token, const char *id);
+int  am2z_lockkeeper_remove(am2z_lockkeeper_t *k, const char *lock_key);
+void am2z_lockkeeper_counts(am2z_lockkeeper_t *k, unsigned long *renewed, unsigned long *failed);
+void am2z_lockkeeper_free(am2z_lockkeeper_t *k);
+
 /* The source of one of the server-side scripts of the BullMQ-compatible
  * queue layer (core/redis-scripts/<name>.lua), or NULL. */
 const char *am2z_redis_script(const char *name);

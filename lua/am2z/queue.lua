@@ -649,6 +649,7 @@ local function process_job(w, job, token)
     end
   end
   w._active[job.id] = nil
+  if w._keeper then core.lockkeeper_remove(w._keeper, k.P .. job.id .. ":lock") end
   w._running = w._running - 1
   if w._wake then
     local x = w._wake
@@ -697,10 +698,16 @@ local function main_loop(w)
     return true, true
   end
   w._conn:call("HSETNX", w.keys.meta, "opts.maxLenEvents", 10000)
+  -- Locks are renewed by a thread of the C core: a processor that keeps the
+  -- loop busy (no yield for a while) must not lose its job to a stall check.
+  local ro = redis.resolve(w._opts.connection)
+  w._keeper = core.lockkeeper_new({ host = ro.host, port = ro.port, username = ro.username,
+    password = ro.password, db = ro.db, stalledKey = w.keys.stalled,
+    lockDuration = w.lockDuration, interval = floor(w.lockDuration / 2) })
   -- Stall check and lock renewal run beside the fetch loop.
   w._aux = core.spawn(function()
     local k = w.keys
-    local next_stall, next_renew = 0, 0
+    local next_stall = 0
     while not w._closing do
       local now = core.now()
       if now >= next_stall then
@@ -710,15 +717,7 @@ local function main_loop(w)
           { w.maxStalledCount, k.P, string.format("%d", floor(wall_ms())), w.stalledInterval })
         for _, id in ipairs(type(ids) == "table" and ids or {}) do w:_emit("stalled", id, "active") end
       end
-      if now >= next_renew then
-        next_renew = now + w.lockDuration / 2
-        for id, a in pairs(w._active) do
-          local r = script("extendLock"):run(w._conn, { k.P .. id .. ":lock", k.stalled },
-            { a.token, w.lockDuration, id })
-          if r == 0 then w:_emit("lockRenewalFailed", { id }) end
-        end
-      end
-      if not core.sleep(math.max(10, math.min(next_stall, next_renew) - core.now())) then break end
+      if not core.sleep(math.max(10, next_stall - core.now())) then break end
     end
     return true, true
   end, "root", 0, 0, 1)
@@ -733,6 +732,7 @@ local function main_loop(w)
         drained_known = false
         w._running = w._running + 1
         w._active[job.id] = { token = token }
+        if w._keeper then core.lockkeeper_add(w._keeper, w.keys.P .. job.id .. ":lock", token, job.id) end
         core.spawn(process_job, "root", 0, 0, 1, w, job, token)
       elseif token == nil and ttl == nil and next_delayed == nil then
         -- A Redis error (connection down): back off a little and try again.
@@ -781,6 +781,8 @@ function Worker:close()
   end
   if self._conn then self._conn:close() end
   if self._bconn then self._bconn:close() end
+  if self._keeper then core.lockkeeper_close(self._keeper) end
+  self._keeper = nil
   self._closed = true
   self:_emit("closed")
 end

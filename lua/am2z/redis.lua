@@ -96,6 +96,14 @@ local function check_opts(opts)
   return o, opts.logger
 end
 
+--- The connection settings `connect` would use for these options
+--- (url, fields, AM2Z_REDIS_URL): { host, port, username, password, db }.
+function M.resolve(opts)
+  local o = check_opts(opts)
+  return { host = o.host or "127.0.0.1", port = o.port or 6379, username = o.username,
+           password = o.password, db = o.db or 0 }
+end
+
 local function error_of(code, msg, what)
   if code == "EREPLY" then
     local e = M.RedisError(msg, { command = what })

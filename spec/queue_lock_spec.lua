@@ -1,0 +1,78 @@
+-- Job locks survive a processor that keeps the loop thread busy: they are
+-- renewed by the core's lock-keeper thread, so another worker's stall check
+-- does not steal the job.
+local am2z = require("am2z")
+
+local URL = os.getenv("AM2Z_TEST_REDIS_URL")
+local BIN = os.getenv("AM2Z_BIN") or "./build/bin/am2z-lua"
+local silent = am2z.createSilentLogger()
+
+describe("job locks #redis", function()
+  if not URL then
+    pending("AM2Z_TEST_REDIS_URL is not set (run through scripts/test.sh)")
+    return
+  end
+
+  it("are renewed while the processor runs 1.5 s without yielding (lockDuration 400)", function()
+    local name = ("locks-%d-%d"):format(os.time(), math.random(1e6))
+    local conn = { url = URL, logger = silent }
+    -- A second worker process on the same queue runs stall checks every
+    -- 150 ms and writes down any job it gets.
+    local dir = os.tmpname()
+    os.remove(dir)
+    os.execute("mkdir -p " .. dir)
+    local script = dir .. "/other.lua"
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+local am2z = require("am2z")
+local c = assert(am2z.redis.connect{ url = %q, logger = am2z.createSilentLogger() })
+local o = io.open(%q, "w") o:write("up") o:close()
+-- start working only once the busy worker holds the job (its lock exists)
+for _ = 1, 1000 do
+  if c:call("EXISTS", %q) == 1 then break end
+  am2z.sleep(5)
+end
+local w = am2z.queue.Worker.new(%q, function(job)
+  local o = io.open(%q, "a") o:write(job.id, "\n") o:close()
+  return "stolen"
+end, { connection = { url = %q, logger = am2z.createSilentLogger() }, stalledInterval = 150,
+       lockDuration = 400, logger = am2z.createSilentLogger() })
+am2z.sleep(4000)
+w:close()
+]]):format(URL, dir .. "/ready", "bull:" .. name .. ":busy-job:lock", name, dir .. "/stolen", URL))
+    f:close()
+    os.execute(("%s %s > %s/log 2>&1 & echo $! > %s/pid"):format(BIN, script, dir, dir))
+    finally(function()
+      os.execute(("kill -9 $(cat %s/pid) 2>/dev/null; rm -rf %s"):format(dir, dir))
+    end)
+    am2z.run(function()
+      -- another process: its file is the only thing to wait on (bounded)
+      for _ = 1, 500 do
+        if io.open(dir .. "/ready") then break end
+        am2z.sleep(10)
+      end
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      local ev = am2z.queue.QueueEvents.new(name, { connection = conn, logger = silent })
+      ev:waitUntilReady()
+      local job = assert(q:add("busy", {}, { jobId = "busy-job" }))
+      local busy = am2z.queue.Worker.new(name, function()
+        local t0 = os.clock()
+        local x = 0
+        while os.clock() - t0 < 1.5 do x = x + 1 end   -- no yield on purpose
+        return "kept"
+      end, { connection = conn, lockDuration = 400, stalledInterval = 150, logger = silent })
+      -- The other process starts its worker only once ours holds the job,
+      -- then checks for stalls every 150 ms while ours keeps the loop busy.
+      local rv, err = job:waitUntilFinished(ev, 10000)
+      assert.is_nil(err)
+      local j = q:getJob(job.id)
+      busy:close()
+      ev:close()
+      q:close()
+      assert.are.equal("kept", rv)
+      assert.are.equal(0, j.stalledCounter)
+      assert.are.equal(1, j.attemptsStarted)
+      assert.is_nil(io.open(dir .. "/stolen"), "the other worker recovered and ran the job")
+    end, { timeoutMs = 20000 })
+  end)
+end)
