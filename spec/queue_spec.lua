@@ -209,7 +209,10 @@ describe("am2z.queue #redis", function()
     local list = created
     created = {}
     pcall(run, function()
-      for i = #list, 1, -1 do pcall(list[i].close, list[i]) end
+      for i = #list, 1, -1 do
+        local o = list[i]
+        if not o._closing then pcall(o.close, o) end
+      end
     end, 5000)
     if R then R:close() end
     R = nil
@@ -495,15 +498,52 @@ describe("am2z.queue #redis", function()
         raises(function() q:getJobs({ "nonsense" }) end, "queue:getJobs", "nonsense")
         raises(function() q:getJobCounts("nonsense") end, "queue:getJobCounts", "nonsense")
 
-        -- stop the worker while `hold` runs so the other jobs stay put
-        local closed = false
-        core.spawn(function() w:close() closed = true gate.notify() return true end, "root", 0, 0, 1)
+        -- let everything that is ready run
         open = true
         gate.notify()
-        gate.waitFor(function() return closed end, 5000, "close")
+        t.waitFinished({ hold.id, waiting.id, prio.id })
+        w:close()
         assert.are.equal("completed", q:getJobState(hold.id))
-        assert.are.equal("waiting", q:getJobState(waiting.id))
+        assert.are.equal("completed", q:getJobState(prio.id))
+        assert.are.equal("delayed", q:getJobState(delayed.id))
       end)
+    end)
+
+    it("getJobState never reports `unknown` for an existing job while workers move it", function()
+      local name = fresh("staterace")
+      run(function()
+        local q = queue(name)
+        local list = {}
+        for i = 1, 200 do list[i] = { name = "j", data = {} } end
+        local jobs = assert(q:addBulk(list))
+        local w = worker(name, function() return 1 end, { concurrency = 8 })
+        local cond, finished = newCond(), 0
+        local unknown, checks, states = 0, 0, {}
+        local pollers = 4
+        for p = 1, pollers do
+          local qp = queue(name)
+          core.spawn(function()
+            for i = p, #jobs, pollers do
+              local id = jobs[i].id
+              for _ = 1, 10000 do -- bounded: the job completes within a few polls
+                local st = qp:getJobState(id)
+                checks = checks + 1
+                states[st] = (states[st] or 0) + 1
+                if st == "unknown" then unknown = unknown + 1 end
+                if st == "completed" then break end
+              end
+            end
+            finished = finished + 1
+            cond.notify()
+            return true
+          end, "root", 0, 0, 1)
+        end
+        cond.waitFor(function() return finished == pollers end, 10000, "the pollers")
+        w:close()
+        assert.are.equal(200, #zmembers(P(name) .. "completed"))
+        assert.are.equal(0, unknown, ("%d of %d getJobState calls said unknown for jobs that exist"):format(unknown,
+          checks))
+      end, 15000)
     end)
 
     it("getJobs lists wait newest-first by default and oldest-first with asc", function()
@@ -543,6 +583,7 @@ describe("am2z.queue #redis", function()
         local w = worker(name, function(job) order[#order + 1] = job.name end)
         local t = track(w)
         t.waitFinished(added)
+        t.cond.waitFor(function() return t.drained > 0 end, 3000, "the worker to find the queue empty")
         w:close()
         assert.are.same({ "w1", "w2", "w3", "p1a", "p1b", "p5a", "p5b" }, order)
         assert.is_nil(R:call("GET", P(name) .. "pc"), "pc is deleted once prioritized is found empty")
@@ -1137,8 +1178,11 @@ os.exit(0)
       kill()
       -- wait (bounded) until the process is gone
       for _ = 1, 200 do
-        if os.execute(("kill -0 %d 2>/dev/null"):format(pid)) ~= 0
-            and os.execute(("kill -0 %d 2>/dev/null"):format(pid)) ~= true then break end
+        local sf = io.open("/proc/" .. pid .. "/stat")
+        local st = sf and sf:read("*a") or ""
+        if sf then sf:close() end
+        local state = st:match("%) (%a)")
+        if state == nil or state == "Z" then break end -- gone (or a zombie)
         am2z.sleep(10)
       end
       for _, p in ipairs({ script, ready, pidfile, logfile }) do os.remove(p) end
@@ -1288,13 +1332,24 @@ os.exit(0)
         local job = assert(q:add("x", {}))
         local results = {}
         local c = newCond()
+        -- Instrument the queue handle QueueEvents uses for its one look at
+        -- the job, to know when the first waiter has looked and is waiting.
+        local looks = 0
+        local qh = queue(name)
+        qh._isFinished = function(self, id)
+          local st, v = Queue._isFinished(self, id)
+          looks = looks + 1
+          c.notify()
+          return st, v
+        end
+        ev._queue = qh
         core.spawn(function()
           local rv, err = job:waitUntilFinished(ev, 2000)
           results.first = { rv = rv, err = err }
           c.notify()
           return true
         end, "root", 0, 0, 1)
-        am2z.sleep(0) -- let the first waiter register
+        c.waitFor(function() return looks >= 1 end, 3000, "the first waiter to look")
         -- The job finishes; the second waiter looks before QueueEvents has
         -- delivered the `completed` entry (written here in the same order a
         -- finish does: state first, then the event).
@@ -1336,16 +1391,18 @@ os.exit(0)
         local closedEvent = false
         w:on("closed", function() closedEvent = true end)
         gate.waitFor(function() return inside end, 5000, "first to start")
-        local closeReturned = false
+        local closeStarted, closeReturned = false, false
         local stateAtClose
         core.spawn(function()
+          closeStarted = true -- w:close() marks the worker closing before its first wait
+          gate.notify()
           w:close()
           stateAtClose = q:getJobState(a.id)
           closeReturned = true
           gate.notify()
           return true
         end, "root", 0, 0, 1)
-        am2z.sleep(0)
+        gate.waitFor(function() return closeStarted end, 5000, "close to start")
         -- added while closing, with a free slot: must not be taken
         local b = assert(q:add("second", {}))
         assert.is_false(closeReturned, "close must wait for the running job")
@@ -1359,6 +1416,44 @@ os.exit(0)
         assert.are.equal("waiting", q:getJobState(b.id))
         assert.are.same({ b.id }, lrange(P(name) .. "wait"))
         w:close() -- twice is a no-op
+      end)
+    end)
+  end)
+
+  describe("Worker:close with every slot busy", function()
+    it("returns once the running job has finished (concurrency 1)", function()
+      local name = fresh("closebusy")
+      run(function()
+        local q = queue(name)
+        local a = assert(q:add("running", {}))
+        local b = assert(q:add("next", {}))
+        local gate, open, inside = newCond(), false, false
+        local ran = {}
+        local w = worker(name, function(job)
+          ran[#ran + 1] = job.name
+          inside = true
+          gate.notify()
+          gate.waitFor(function() return open end, 5000, "the gate")
+          return job.name
+        end, { concurrency = 1 })
+        local t = track(w)
+        gate.waitFor(function() return inside end, 5000, "the first job to start")
+        local closeStarted, closeReturned = false, false
+        core.spawn(function()
+          closeStarted = true
+          gate.notify()
+          w:close()
+          closeReturned = true
+          gate.notify()
+          return true
+        end, "root", 0, 0, 1)
+        gate.waitFor(function() return closeStarted end, 5000, "close to start")
+        open = true
+        gate.notify()
+        t.waitFinished(a.id)
+        gate.waitFor(function() return closeReturned end, 2000, "close to return after the job finished")
+        assert.are.same({ "running" }, ran)
+        assert.are.equal("waiting", q:getJobState(b.id))
       end)
     end)
   end)
@@ -1396,8 +1491,7 @@ os.exit(0)
       raises(function() QueueEvents.new() end, "QueueEvents.new", "queue name")
       raises(function() QueueEvents.new("a:b") end, "QueueEvents.new", "queue name")
       raises(function() QueueEvents.new("q", 5) end, "QueueEvents.new", "options")
-      raises(function() QueueEvents.new("q", "x") end, "QueueEvents.new", "options")
-      raises(function() QueueEvents.new("q", { autorun = false, bogus = 1 }) end, "QueueEvents.new", "bogus")
+      raises(function() QueueEvents.new("q", { prefix = "", autorun = false }) end, "QueueEvents.new", "prefix")
     end)
   end)
 end)

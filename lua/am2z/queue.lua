@@ -184,6 +184,11 @@ function Queue.new(name, opts)
     error("Queue.new: expected a table of options, got " .. describe(opts), 2)
   end
   opts = opts or {}
+  for k in pairs(opts) do
+    if k ~= "connection" and k ~= "prefix" and k ~= "logger" and k ~= "maxLenEvents" then
+      error("Queue.new: unknown option " .. describe(k), 2)
+    end
+  end
   local prefix = opts.prefix or "bull"
   if type(prefix) ~= "string" or prefix == "" then
     error("Queue.new: expected prefix to be a non-empty string, got " .. describe(prefix), 2)
@@ -391,16 +396,18 @@ end
 --- The state of job `id` ("completed", "failed", "delayed", "prioritized",
 --- "active", "waiting", "waiting-children" or "unknown").
 function Queue:getJobState(id)
-  local c, k = self:_conn(), self.keys
+  local k = self.keys
   id = tostring(id)
-  for _, z in ipairs({ "completed", "failed", "delayed", "prioritized" }) do
-    if c:call("ZSCORE", k[z], id) then return z end
-  end
-  if c:call("LPOS", k.active, id) then return "active" end
-  if c:call("LPOS", k.wait, id) then return "waiting" end
-  if c:call("LPOS", k.paused, id) then return "waiting" end
-  if c:call("ZSCORE", k["waiting-children"], id) then return "waiting-children" end
-  return "unknown"
+  return script("getState"):run(self:_conn(), { k.completed, k.failed, k.delayed, k.prioritized,
+    k.active, k.wait, k.paused, k["waiting-children"], k.P .. id }, { id })
+end
+
+--- -1 no such job, 1 completed (+ return value), 2 failed (+ reason), 0 otherwise.
+function Queue:_isFinished(id)
+  local k = self.keys
+  local r, err = script("isFinished"):run(self:_conn(), { k.completed, k.failed, k.P .. id }, { id })
+  if not r then return nil, err end
+  return r[1], r[2]
 end
 
 local function pause_resume(self, what)
@@ -681,7 +688,8 @@ local function wait_slot(w)
   local token = require("am2z.executor").newToken()
   w._wake = { (core.current()), token }
   core.wait_host(token)
-  w._wake = nil
+  -- Only our own registration: the closer may have replaced it meanwhile.
+  if w._wake and w._wake[2] == token then w._wake = nil end
 end
 
 local function main_loop(w)
@@ -804,10 +812,22 @@ local function parse_fields(arr)
 end
 
 --- Follows a queue's events stream (XREAD BLOCK) on a connection of its own.
+local EVENTS_OPTS = { connection = true, prefix = true, lastEventId = true, blockingTimeout = true,
+                      autorun = true, logger = true }
+
 function QueueEvents.new(name, opts)
   check_queue_name("QueueEvents.new", name)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("QueueEvents.new: expected a table of options, got " .. describe(opts), 2)
+  end
   opts = opts or {}
+  for k in pairs(opts) do
+    if not EVENTS_OPTS[k] then error("QueueEvents.new: unknown option " .. describe(k), 2) end
+  end
   local prefix = opts.prefix or "bull"
+  if type(prefix) ~= "string" or prefix == "" then
+    error("QueueEvents.new: expected prefix to be a non-empty string, got " .. describe(prefix), 2)
+  end
   local ev = setmetatable({ name = name, prefix = prefix, keys = keys_for(prefix, name),
                             _opts = opts, _listeners = {}, _lastId = opts.lastEventId or "$",
                             _logger = opts.logger or log.createLogger({ source = "events:" .. name }),
@@ -885,26 +905,38 @@ function QueueEvents:waitUntilReady()
   return core.wait_host(token)
 end
 
+local function drop_waiter(self, id, x)
+  local ws = self._waiters[id]
+  if not ws then return end
+  for i = #ws, 1, -1 do if ws[i] == x then table.remove(ws, i) end end
+  if #ws == 0 then self._waiters[id] = nil end
+end
+
 function QueueEvents:_waitFor(id, ttl)
+  id = tostring(id)
   self:waitUntilReady()
   local x = { id = (core.current()), token = require("am2z.executor").newToken() }
   local ws = self._waiters[id] or {}
   ws[#ws + 1] = x
   self._waiters[id] = ws
-  -- It may have finished before we listened: ask the job itself once, on
-  -- a connection of its own (the events connection is blocked in XREAD).
+  -- It may have finished before we listened: ask once, atomically, on a
+  -- connection of its own (the events connection is blocked in XREAD).
   local q = self._queue
   if not q then
     q = Queue.new(self.name, { prefix = self.prefix, connection = self._opts.connection,
                                logger = self._logger })
     self._queue = q
   end
-  local state = q:getJobState(id)
-  if state == "completed" or state == "failed" then
-    self._waiters[id] = nil
-    local j = q:getJob(id)
-    if state == "completed" then return j.returnvalue end
-    return nil, errors.Error(j.failedReason or "job failed")
+  local st, value = q:_isFinished(id)
+  if st == -1 then
+    drop_waiter(self, id, x)
+    return nil, errors.Error("Missing key for job " .. id .. ". isFinished")
+  elseif st == 1 then
+    drop_waiter(self, id, x)
+    return decode(value, value)
+  elseif st == 2 then
+    drop_waiter(self, id, x)
+    return nil, errors.Error(value or "job failed")
   end
   local timer
   if ttl and ttl > 0 then
@@ -914,6 +946,7 @@ function QueueEvents:_waitFor(id, ttl)
   core.wait_host(x.token)
   if timer then core.cancel(timer) end
   if not x.result then
+    drop_waiter(self, id, x)
     return nil, errors.TimeoutError(format("job %s did not finish within %d ms", id, ttl or 0), ttl)
   end
   if x.result[1] == "completed" then return x.result[2].returnvalue end
