@@ -650,7 +650,7 @@ function errors.getRootCause(err)
   return err
 end
 
-local NETWORK_CODES = { ECONNREFUSED = true, ECONNRESET = true, ENETWORK = true, EIO = true }
+local NETWORK_CODES = { ECONNREFUSED = true, ECONNRESET = true, ENETWORK = true, EIO = true, ENOTCONN = true }
 
 ---Maps an error reported by the C core (errno-style name) to an error class.
 ---The core's code is kept in `details.coreCode`.

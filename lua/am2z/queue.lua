@@ -585,6 +585,28 @@ local function backoff_delay(opts, attemptsMade)
   return d
 end
 
+-- Runs a finishing script, again and again while the link is down (bounded):
+-- a job whose result cannot be recorded would otherwise stay active until
+-- a stall check hands it to another worker, to run a second time.
+local function finish_call(w, name, keys, args)
+  local delay = 50
+  local lost = false
+  for _ = 1, 12 do
+    local r, err = script(name):run(w._conn, keys, args)
+    if r ~= nil and r ~= 0 and lost then
+      -- An earlier try may have gone through with only its reply lost:
+      -- the lock is then released and the job moved. Report what happened.
+      return r, err, true
+    end
+    if r ~= nil or not errors.is(err, errors.NetworkError) then return r, err end
+    lost = true
+    w._logger:warn("Redis unavailable while finishing a job; retrying", { error = tostring(err) })
+    if not core.sleep(delay) then return r, err end
+    delay = math.min(delay * 2, 2000)
+  end
+  return nil, errors.NetworkError("gave up finishing the job: Redis stayed unavailable")
+end
+
 -- Runs one job in its own coroutine.
 local function process_job(w, job, token)
   local k = w.keys
@@ -613,10 +635,13 @@ local function process_job(w, job, token)
       failure = { value = "return value cannot be encoded as JSON: " .. tostring(rv) }
     else
       local count, age, limit = keep_of(job.opts.removeOnComplete, w.removeOnComplete)
-      local r, err = script("moveToFinished"):run(conn,
+      local r, err, ambiguous = finish_call(w, "moveToFinished",
         { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.completed },
         { k.P, job.id, now, "returnvalue", rv, "completed", token, count, age, limit, "",
           job.opts.attempts or 0 })
+      if r ~= 0 and ambiguous and w.queue:_isFinished(job.id) == 1 then
+        r = 0                           -- our first try went through
+      end
       if r ~= 0 then
         w._logger:warn(format("job %s: could not complete (%s)", job.id, tostring(r or err)))
       else
@@ -639,7 +664,7 @@ local function process_job(w, job, token)
     local unrecoverable = job._defa ~= nil or job._badData ~= nil
     if not unrecoverable and job.attemptsMade + 1 < attempts then
       local delay = backoff_delay(job.opts, job.attemptsMade)
-      local r, err = script("retryJob"):run(conn,
+      local r, err = finish_call(w, "retryJob",
         { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.delayed, k.marker, k.pc },
         { k.P, job.id, now, delay, token, reason, st })
       if r ~= 0 then w._logger:warn(format("job %s: could not retry (%s)", job.id, tostring(r or err))) end
@@ -647,7 +672,7 @@ local function process_job(w, job, token)
       w:_emit("failed", job, errors.from(v), "retrying")
     else
       local count, age, lim = keep_of(job.opts.removeOnFail, w.removeOnFail)
-      local r, err = script("moveToFinished"):run(conn,
+      local r, err = finish_call(w, "moveToFinished",
         { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.failed },
         { k.P, job.id, now, "failedReason", reason, "failed", token, count, age, lim, st, attempts })
       if r ~= 0 then w._logger:warn(format("job %s: could not fail (%s)", job.id, tostring(r or err))) end
@@ -675,7 +700,7 @@ local function fetch(w)
     { k.wait, k.active, k.prioritized, k.events, k.limiter, k.delayed, k.meta, k.pc, k.marker },
     { k.P, string.format("%d", floor(wall_ms())), token, w.lockDuration, lim and lim.max or 0,
       lim and lim.duration or 0, w.workerName or "" })
-  if not r then return nil, err end
+  if not r then return nil, nil, nil, nil, err end
   if type(r[1]) == "table" then
     local job = job_from_hash(w.queue, r[2], flat_to_hash(r[1]))
     job._worker = w
@@ -735,15 +760,16 @@ local function main_loop(w)
     if w._running >= w.concurrency then
       wait_slot(w)
     else
-      local job, token, ttl, next_delayed = fetch(w)
+      local job, token, ttl, next_delayed, ferr = fetch(w)
       if job then
         drained_known = false
         w._running = w._running + 1
         w._active[job.id] = { token = token }
         if w._keeper then core.lockkeeper_add(w._keeper, w.keys.P .. job.id .. ":lock", token, job.id) end
         core.spawn(process_job, "root", 0, 0, 1, w, job, token)
-      elseif token == nil and ttl == nil and next_delayed == nil then
-        -- A Redis error (connection down): back off a little and try again.
+      elseif ferr then
+        -- A Redis error (connection down): back off a little and try again;
+        -- the connection reconnects by itself meanwhile.
         if not core.sleep(200) then break end
       elseif ttl and ttl > 0 then
         if not core.sleep(math.min(ttl, 30000)) then break end
@@ -757,11 +783,16 @@ local function main_loop(w)
           timeout = math.min(math.max((next_delayed - wall_ms()) / 1000, 0.001), 10)
         end
         w._blocking = true
-        local r = w._bconn:callTimeout(floor(timeout * 1000) + 2000, "BZPOPMIN", w.keys.marker,
+        local r, berr = w._bconn:callTimeout(floor(timeout * 1000) + 2000, "BZPOPMIN", w.keys.marker,
           string.format("%.3f", timeout))
         w._blocking = false
         if w._closing then break end
         if r == nil and core.aborted() then break end
+        if r == nil and berr and not errors.is(berr, errors.TimeoutError) then
+          -- The blocking connection is down: never spin on an error that
+          -- comes back at once.
+          if not core.sleep(200) then break end
+        end
       end
     end
   end
