@@ -2,13 +2,17 @@
   Moves an active job to completed or failed (BullMQ 6 semantics): checks
   and releases the lock, keeps or removes the job by the retention options,
   writes the events, counts the attempt.
-  KEYS: 1 wait, 2 active, 3 prioritized, 4 events, 5 stalled, 6 meta, 7 target (completed|failed)
+  KEYS: 1 wait, 2 active, 3 prioritized, 4 events, 5 stalled, 6 meta, 7 target (completed|failed),
+        8 limiter, 9 delayed, 10 pc, 11 marker
   ARGV: 1 key prefix, 2 id, 3 now, 4 field (returnvalue|failedReason), 5 value,
         6 target name, 7 token, 8 keep count (-1: all), 9 keep age (s, 0: none),
-        10 keep limit, 11 stacktrace JSON or "", 12 opts.attempts
-  Returns 0, or -1 (no job), -2 (lock missing), -6 (lock held by another
-  worker), -3 (not active).
+        10 keep limit, 11 stacktrace JSON or "", 12 opts.attempts,
+        13 "1" to fetch the next job (with token ARGV[7]), 14 lock duration,
+        15 limiter max, 16 limiter duration, 17 worker name
+  Returns 0 (or, fetching, the next job as moveToActive does), or -1 (no
+  job), -2 (lock missing), -6 (lock held by another worker), -3 (not active).
 ]]
+--@include _fetch
 local rcall = redis.call
 local P, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local J = P .. id
@@ -56,6 +60,12 @@ end
 rcall("XADD", KEYS[4], "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5], "prev", "active")
 if ARGV[6] == "failed" and atm >= (tonumber(ARGV[12]) or 0) then
   rcall("XADD", KEYS[4], "*", "event", "retries-exhausted", "jobId", id, "attemptsMade", atm)
+end
+-- Fetch-next: hand the worker its next job in the same round trip.
+if ARGV[13] == "1" then
+  local nxt = am2z_fetch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], KEYS[9], KEYS[6], KEYS[10],
+    KEYS[11], P, now, ARGV[7], ARGV[14], ARGV[15], ARGV[16], ARGV[17])
+  if type(nxt[1]) == "table" or nxt[3] > 0 or nxt[4] > 0 then return nxt end
 end
 if rcall("LLEN", KEYS[1]) == 0 and rcall("LLEN", KEYS[2]) == 0 and rcall("ZCARD", KEYS[3]) == 0 then
   rcall("XADD", KEYS[4], "*", "event", "drained")

@@ -607,10 +607,27 @@ local function finish_call(w, name, keys, args)
   return nil, errors.NetworkError("gave up finishing the job: Redis stayed unavailable")
 end
 
--- Runs one job in its own coroutine.
-local function process_job(w, job, token)
+-- Fetch-next arguments for the finishing scripts: the next job comes back
+-- in the same round trip, locked with the same token (as BullMQ does).
+local function next_args(w)
+  local lim = w.limiter
+  return w._closing and "0" or "1", w.lockDuration, lim and lim.max or 0, lim and lim.duration or 0,
+    w.workerName or ""
+end
+
+local function next_job(w, r)
+  if type(r) == "table" and type(r[1]) == "table" then
+    local j = job_from_hash(w.queue, r[2], flat_to_hash(r[1]))
+    j._worker = w
+    return j
+  end
+  return nil
+end
+
+-- Runs one job; returns the next one when the finishing script fetched it.
+local function run_one(w, job, token)
   local k = w.keys
-  local conn = w._conn
+  local nxt
   w:_emit("active", job, "waiting")
   local ok, result, perr
   if job._defa or job._badData then
@@ -636,13 +653,15 @@ local function process_job(w, job, token)
     else
       local count, age, limit = keep_of(job.opts.removeOnComplete, w.removeOnComplete)
       local r, err, ambiguous = finish_call(w, "moveToFinished",
-        { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.completed },
+        { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.completed,
+          k.limiter, k.delayed, k.pc, k.marker },
         { k.P, job.id, now, "returnvalue", rv, "completed", token, count, age, limit, "",
-          job.opts.attempts or 0 })
-      if r ~= 0 and ambiguous and w.queue:_isFinished(job.id) == 1 then
+          job.opts.attempts or 0, next_args(w) })
+      if r ~= 0 and type(r) ~= "table" and ambiguous and w.queue:_isFinished(job.id) == 1 then
         r = 0                           -- our first try went through
       end
-      if r ~= 0 then
+      nxt = next_job(w, r)
+      if r ~= 0 and type(r) ~= "table" then
         w._logger:warn(format("job %s: could not complete (%s)", job.id, tostring(r or err)))
       else
         job.returnvalue = result
@@ -673,15 +692,35 @@ local function process_job(w, job, token)
     else
       local count, age, lim = keep_of(job.opts.removeOnFail, w.removeOnFail)
       local r, err = finish_call(w, "moveToFinished",
-        { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.failed },
-        { k.P, job.id, now, "failedReason", reason, "failed", token, count, age, lim, st, attempts })
-      if r ~= 0 then w._logger:warn(format("job %s: could not fail (%s)", job.id, tostring(r or err))) end
+        { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.failed,
+          k.limiter, k.delayed, k.pc, k.marker },
+        { k.P, job.id, now, "failedReason", reason, "failed", token, count, age, lim, st, attempts,
+          next_args(w) })
+      nxt = next_job(w, r)
+      if r ~= 0 and type(r) ~= "table" then
+        w._logger:warn(format("job %s: could not fail (%s)", job.id, tostring(r or err)))
+      end
       job.failedReason = reason
       w:_emit("failed", job, errors.from(v))
     end
   end
-  w._active[job.id] = nil
-  if w._keeper then core.lockkeeper_remove(w._keeper, k.P .. job.id .. ":lock") end
+  return nxt
+end
+
+-- Runs jobs in one concurrency slot: the first one fetched by the main loop,
+-- then each next one handed back by the previous job's finishing script.
+local function process_job(w, job, token)
+  local k = w.keys
+  while job do
+    local nxt = run_one(w, job, token)
+    w._active[job.id] = nil
+    if w._keeper then core.lockkeeper_remove(w._keeper, k.P .. job.id .. ":lock") end
+    job = nxt
+    if job then
+      w._active[job.id] = { token = token }
+      if w._keeper then core.lockkeeper_add(w._keeper, k.P .. job.id .. ":lock", token, job.id) end
+    end
+  end
   w._running = w._running - 1
   if w._wake then
     local x = w._wake
