@@ -1,0 +1,114 @@
+-- Queue administration and the rate limiter, against a real redis-server.
+local am2z = require("am2z")
+local core = require("am2z.core")
+
+local URL = os.getenv("AM2Z_TEST_REDIS_URL")
+local silent = am2z.createSilentLogger()
+local seq = 0
+local function fresh(tag)
+  seq = seq + 1
+  return ("admin-%s-%d-%d-%d"):format(tag, os.time(), math.random(1e6), seq)
+end
+local function run(fn) return am2z.run(fn, { timeoutMs = 20000 }) end
+
+describe("queue administration #redis", function()
+  if not URL then
+    pending("AM2Z_TEST_REDIS_URL is not set (run through scripts/test.sh)")
+    return
+  end
+  local conn = { url = URL, logger = silent }
+
+  it("drain removes waiting and prioritized jobs (and delayed ones when asked), keys and all", function()
+    run(function()
+      local name = fresh("drain")
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      local w1 = q:add("a", {})
+      q:add("b", {}, { priority = 3 })
+      local d = q:add("c", {}, { delay = 60000 })
+      assert.are.equal(2, q:drain())
+      local c = q:getJobCounts()
+      assert.are.same({ 0, 0, 1 }, { c.waiting, c.prioritized, c.delayed })
+      assert.is_nil(q:getJob(w1.id))
+      assert.is_not_nil(q:getJob(d.id))
+      assert.are.equal(1, q:drain(true))
+      assert.are.equal(0, q:getJobCounts().delayed)
+      assert.is_nil(q:getJob(d.id))
+      q:close()
+    end)
+  end)
+
+  it("clean removes finished jobs older than the grace period, up to the limit, and emits cleaned", function()
+    run(function()
+      local name = fresh("clean")
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      local ev = am2z.queue.QueueEvents.new(name, { connection = conn, logger = silent })
+      ev:waitUntilReady()
+      local jobs = {}
+      for i = 1, 5 do jobs[i] = q:add("j", { i = i }) end
+      local w = am2z.queue.Worker.new(name, function(job) return job.data.i end,
+        { connection = conn, logger = silent })
+      for i = 1, 5 do assert.are.equal(i, jobs[i]:waitUntilFinished(ev, 5000)) end
+      w:close()
+      -- nothing is older than an hour
+      assert.are.same({}, q:clean(3600000, 0, "completed"))
+      local cleaned
+      ev:on("cleaned", function(f) cleaned = f end)
+      local ids = q:clean(0, 2, "completed")
+      assert.are.equal(2, #ids)
+      assert.are.equal(3, q:getJobCounts().completed)
+      for _, id in ipairs(ids) do assert.is_nil(q:getJob(id)) end
+      local r = am2z.redis.connect(conn)
+      local evs = r:call("XREVRANGE", "bull:" .. name .. ":events", "+", "-", "COUNT", 1)
+      assert.are.equal("cleaned", evs[1][2][2])
+      assert.are.equal("2", evs[1][2][4])
+      r:close()
+      assert.has_error(function() q:clean(-1) end)
+      assert.has_error(function() q:clean(0, 0, "nope") end)
+      ev:close()
+      q:close()
+    end)
+  end)
+
+  it("obliterate deletes every key of the queue; refuses active jobs unless forced", function()
+    run(function()
+      local name = fresh("oblit")
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      for i = 1, 30 do q:add("j", { i = i }, i % 3 == 0 and { delay = 60000 } or nil) end
+      local r = am2z.redis.connect(conn)
+      -- one job made active by hand, with a lock, as a worker would
+      local id = r:call("RPOPLPUSH", "bull:" .. name .. ":wait", "bull:" .. name .. ":active")
+      r:call("SET", "bull:" .. name .. ":" .. id .. ":lock", "tok", "PX", 60000)
+      local ok, err = q:obliterate()
+      assert.is_nil(ok)
+      assert.matches("active jobs", err.message)
+      assert.is_true(q:obliterate({ force = true, count = 7 }))
+      local left = r:call("KEYS", "bull:" .. name .. ":*")
+      assert.are.same({}, left)
+      r:close()
+      q:close()
+    end)
+  end)
+
+  it("the rate limiter spaces job starts: { max = 1, duration = 200 } runs 4 jobs over >= 600 ms", function()
+    run(function()
+      local name = fresh("limit")
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      for i = 1, 4 do q:add("j", { i = i }) end
+      local starts, me, token = {}, (core.current()), require("am2z.executor").newToken()
+      local w = am2z.queue.Worker.new(name, function(job)
+        starts[#starts + 1] = am2z.now()
+        return true
+      end, { connection = conn, logger = silent, concurrency = 4, limiter = { max = 1, duration = 200 } })
+      local n = 0
+      w:on("completed", function() n = n + 1 if n == 4 then core.complete_host(me, token) end end)
+      core.wait_host(token)
+      w:close()
+      table.sort(starts)
+      assert.is_true(starts[4] - starts[1] >= 580, "4 starts within " .. (starts[4] - starts[1]) .. " ms")
+      for i = 2, 4 do
+        assert.is_true(starts[i] - starts[i - 1] >= 150, "starts " .. i - 1 .. " and " .. i .. " too close")
+      end
+      q:close()
+    end)
+  end)
+end)
