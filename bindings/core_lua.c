@@ -682,6 +682,11 @@ static void host_settled(void *hostp, am2z_exec_t *x)
     lua_State *L;
     int base;
 
+    /* am2z-lua: a main chunk that failed ends the program (its error is
+     * printed by main), whatever else is still pending on the loop. */
+    if (x == h->main_exec && am2z_exec_settled_status(x) != AM2Z_OK
+        && am2z_exec_settled_status(x) != AM2Z_ECANCELED)
+        uv_stop(am2z_engine_loop(h->e));
     if (lx->cslot == 0 || h->closing)
         return;
     L = host_L(h);

@@ -998,6 +998,13 @@ function QueueEvents:_waitFor(id, ttl)
     self._queue = q
   end
   local st, value = q:_isFinished(id)
+  -- The finish event may have arrived while we were asking (its wake-up
+  -- was ignored then, we were waiting on Redis): it is in x.result.
+  if x.result then
+    drop_waiter(self, id, x)
+    if x.result[1] == "completed" then return x.result[2].returnvalue end
+    return nil, errors.Error(x.result[2].failedReason or "job failed")
+  end
   if st == -1 then
     drop_waiter(self, id, x)
     return nil, errors.Error("Missing key for job " .. id .. ". isFinished")
