@@ -799,8 +799,18 @@ local function main_loop(w)
     if w._running >= w.concurrency then
       wait_slot(w)
     else
+      -- Not cancellable: a fetch cut short after Redis made a job active
+      -- would leave that job locked and unprocessed until a stall check.
+      w._fetching = true
       local job, token, ttl, next_delayed, ferr = fetch(w)
-      if job then
+      w._fetching = false
+      if job and w._closing then
+        -- Handed a job while closing: give it back untouched, at the front.
+        local k = w.keys
+        script("releaseJob"):run(w._conn, { k.active, k.wait, k.stalled, k.marker, k.events, k.meta,
+          k.prioritized }, { k.P, job.id, token })
+        break
+      elseif job then
         drained_known = false
         w._running = w._running + 1
         w._active[job.id] = { token = token }
@@ -850,7 +860,8 @@ end
 function Worker:close()
   if self._closed then return end
   self._closing = true
-  if self._loop then core.cancel(self._loop) end
+  -- The loop sees _closing after a fetch; only its waits are cut short.
+  if self._loop and not self._fetching then core.cancel(self._loop) end
   if self._aux then core.cancel(self._aux) end
   if core.in_exec() then
     while self._running > 0 do
@@ -1032,7 +1043,8 @@ end
 
 function QueueEvents:close()
   self._closing = true
-  if self._loop then core.cancel(self._loop) end
+  -- The loop sees _closing after a fetch; only its waits are cut short.
+  if self._loop and not self._fetching then core.cancel(self._loop) end
   if self._conn then self._conn:close() end
   if self._queue then self._queue:close() end
 end

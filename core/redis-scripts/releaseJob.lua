@@ -1,0 +1,29 @@
+--[[
+  Puts an active job back at the front of wait, unprocessed (a worker that
+  was closing when a fetch handed it the job; BullMQ's
+  moveJobFromActiveToWait does the same for rate-limited jobs).
+  KEYS: 1 active, 2 wait, 3 stalled, 4 marker, 5 events, 6 meta, 7 prioritized
+  ARGV: 1 key prefix, 2 id, 3 token
+  Returns 0, or -2/-6 for a lock that is gone or someone else's.
+]]
+local rcall = redis.call
+local P, id, token = ARGV[1], ARGV[2], ARGV[3]
+local J = P .. id
+if token ~= "0" then
+  local lock = rcall("GET", J .. ":lock")
+  if not lock then return -2 end
+  if lock ~= token then return -6 end
+  rcall("DEL", J .. ":lock")
+  rcall("SREM", KEYS[3], id)
+end
+if rcall("LREM", KEYS[1], -1, id) == 0 then return -3 end
+local prio = tonumber(rcall("HGET", J, "priority")) or 0
+if prio > 0 then
+  rcall("ZADD", KEYS[7], prio * 4294967296, id)
+else
+  rcall("RPUSH", KEYS[2], id)
+end
+if not rcall("HGET", KEYS[6], "paused") then rcall("ZADD", KEYS[4], 0, "0") end
+rcall("HINCRBY", J, "ats", -1)
+rcall("XADD", KEYS[5], "*", "event", "waiting", "jobId", id, "prev", "active")
+return 0
