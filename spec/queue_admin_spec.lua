@@ -112,3 +112,36 @@ describe("queue administration #redis", function()
     end)
   end)
 end)
+
+describe("malformed jobs from other producers #redis", function()
+  if not URL then
+    pending("AM2Z_TEST_REDIS_URL is not set (run through scripts/test.sh)")
+    return
+  end
+  local conn = { url = URL, logger = silent }
+
+  it("a job hash missing BullMQ's fields fails alone with a reason naming them; the next job runs", function()
+    run(function()
+      local name = fresh("malformed")
+      local P = "bull:" .. name .. ":"
+      local r = assert(am2z.redis.connect(conn))
+      -- written by hand, as a buggy producer might: only data, no name/opts/timestamp
+      r:call("HSET", P .. "bad1", "data", "{}")
+      r:call("LPUSH", P .. "wait", "bad1")
+      local q = am2z.queue.Queue.new(name, { connection = conn, logger = silent })
+      local good = assert(q:add("fine", { x = 1 }))
+      local ev = am2z.queue.QueueEvents.new(name, { connection = conn, logger = silent })
+      ev:waitUntilReady()
+      local w = am2z.queue.Worker.new(name, function(job) return job.data.x end,
+        { connection = conn, logger = silent })
+      assert.are.equal(1, good:waitUntilFinished(ev, 5000))
+      local bad = q:getJob("bad1")
+      assert.are.equal("failed", q:getJobState("bad1"))
+      assert.matches("missing field%(s%): name, opts, timestamp", bad.failedReason)
+      w:close()
+      ev:close()
+      q:close()
+      r:close()
+    end)
+  end)
+end)

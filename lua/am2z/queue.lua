@@ -126,6 +126,15 @@ local function job_from_hash(queue, id, h)
   j.stacktrace = decode(h.stacktrace, {})
   j.processedBy = h.pb
   j._defa = h.defa
+  -- A job another producer wrote without the fields every BullMQ job has
+  -- fails unprocessed, saying which ones.
+  local missing = {}
+  for _, f in ipairs({ "name", "data", "opts", "timestamp" }) do
+    if h[f] == nil then missing[#missing + 1] = f end
+  end
+  if #missing > 0 and not j._badData then
+    j._badData = "job hash is missing field(s): " .. table.concat(missing, ", ")
+  end
   j._raw = h
   return j
 end
