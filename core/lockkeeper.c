@@ -42,6 +42,14 @@ static const char EXTEND_LOCK[] =
     "redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2])) "
     "redis.call('SREM', KEYS[2], ARGV[3]) return 1 end return 0";
 
+static void lk_entry_free(lk_entry_t *e)
+{
+    free(e->lock_key);
+    free(e->token);
+    free(e->id);
+    free(e);
+}
+
 static void lk_connect(am2z_lockkeeper_t *k)
 {
     struct timeval tv = { 2, 0 };
@@ -109,10 +117,7 @@ static void lk_renew_all(am2z_lockkeeper_t *k)
                 freeReplyObject(r);
             }
         }
-        free(e->lock_key);
-        free(e->token);
-        free(e->id);
-        free(e);
+        lk_entry_free(e);
     }
     pthread_mutex_lock(&k->mu);
     k->renewed += ok;
@@ -195,10 +200,7 @@ int am2z_lockkeeper_add(am2z_lockkeeper_t *k, const char *lock_key, const char *
     e->token = strdup(token);
     e->id = strdup(id);
     if (!e->lock_key || !e->token || !e->id) {
-        free(e->lock_key);
-        free(e->token);
-        free(e->id);
-        free(e);
+        lk_entry_free(e);
         return AM2Z_ENOMEM;
     }
     pthread_mutex_lock(&k->mu);
@@ -218,10 +220,7 @@ int am2z_lockkeeper_remove(am2z_lockkeeper_t *k, const char *lock_key)
     for (pp = &k->entries; (e = *pp) != NULL; pp = &e->next) {
         if (strcmp(e->lock_key, lock_key) == 0) {
             *pp = e->next;
-            free(e->lock_key);
-            free(e->token);
-            free(e->id);
-            free(e);
+            lk_entry_free(e);
             found = 1;
             break;
         }
@@ -252,10 +251,7 @@ void am2z_lockkeeper_free(am2z_lockkeeper_t *k)
     pthread_join(k->thread, NULL);
     while ((e = k->entries) != NULL) {
         k->entries = e->next;
-        free(e->lock_key);
-        free(e->token);
-        free(e->id);
-        free(e);
+        lk_entry_free(e);
     }
     pthread_mutex_destroy(&k->mu);
     pthread_cond_destroy(&k->cv);

@@ -12,19 +12,14 @@
   Returns 0 (or, fetching, the next job as moveToActive does), or -1 (no
   job), -2 (lock missing), -6 (lock held by another worker), -3 (not active).
 ]]
+--@include _lock
 --@include _fetch
 local rcall = redis.call
 local P, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local J = P .. id
 if rcall("EXISTS", J) == 0 then return -1 end
-local token = ARGV[7]
-if token ~= "0" then
-  local lock = rcall("GET", J .. ":lock")
-  if not lock then return -2 end
-  if lock ~= token then return -6 end
-  rcall("DEL", J .. ":lock")
-  rcall("SREM", KEYS[5], id)
-end
+local lockErr = am2z_release_lock(J, ARGV[7], KEYS[5], id)
+if lockErr then return lockErr end
 if ARGV[11] ~= "" then
   rcall("HMSET", J, "failedReason", ARGV[5], "stacktrace", ARGV[11])
 end

@@ -6,16 +6,12 @@
   ARGV: 1 key prefix, 2 id, 3 token
   Returns 0, or -2/-6 for a lock that is gone or someone else's.
 ]]
+--@include _lock
 local rcall = redis.call
 local P, id, token = ARGV[1], ARGV[2], ARGV[3]
 local J = P .. id
-if token ~= "0" then
-  local lock = rcall("GET", J .. ":lock")
-  if not lock then return -2 end
-  if lock ~= token then return -6 end
-  rcall("DEL", J .. ":lock")
-  rcall("SREM", KEYS[3], id)
-end
+local lockErr = am2z_release_lock(J, ARGV[3], KEYS[3], id)
+if lockErr then return lockErr end
 if rcall("LREM", KEYS[1], -1, id) == 0 then return -3 end
 local prio = tonumber(rcall("HGET", J, "priority")) or 0
 if prio > 0 then

@@ -6,18 +6,13 @@
   ARGV: 1 key prefix, 2 id, 3 now, 4 delay (ms), 5 token, 6 failedReason, 7 stacktrace JSON
   Returns 0 or the negative codes of moveToFinished.
 ]]
+--@include _lock
 local rcall = redis.call
 local P, id, now, delay = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local J = P .. id
 if rcall("EXISTS", J) == 0 then return -1 end
-local token = ARGV[5]
-if token ~= "0" then
-  local lock = rcall("GET", J .. ":lock")
-  if not lock then return -2 end
-  if lock ~= token then return -6 end
-  rcall("DEL", J .. ":lock")
-  rcall("SREM", KEYS[5], id)
-end
+local lockErr = am2z_release_lock(J, ARGV[5], KEYS[5], id)
+if lockErr then return lockErr end
 rcall("HMSET", J, "failedReason", ARGV[6], "stacktrace", ARGV[7])
 if rcall("LREM", KEYS[2], -1, id) == 0 then return -3 end
 rcall("HINCRBY", J, "atm", 1)

@@ -198,12 +198,7 @@ local function on_raise(e)
   return { __am2z_raised = true, value = e, traceback = traceback(tostring(e), 2) }
 end
 
-local function describe(v)
-  local t = type(v)
-  if t == "string" then return format("string %q", v) end
-  if t == "number" or t == "boolean" then return t .. " " .. tostring(v) end
-  return t
-end
+local describe = require("am2z.processor").describe
 
 -- `state` nil: the caller fills in its own input state (see with_state),
 -- never the attempt's copy, which the body may have changed before failing.

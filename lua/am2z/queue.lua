@@ -32,12 +32,7 @@ local function wall_ms()
   return core.wall_ms()
 end
 
-local function describe(v)
-  local t = type(v)
-  if t == "string" then return format("string %q", v) end
-  if t == "number" or t == "boolean" then return t .. " " .. tostring(v) end
-  return t
-end
+local describe = require("am2z.processor").describe
 
 local function check_queue_name(fname, name)
   if type(name) ~= "string" or name == "" or name:find(":", 1, true) then
