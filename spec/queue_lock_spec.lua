@@ -13,7 +13,11 @@ describe("job locks #redis", function()
     return
   end
 
-  it("are renewed while the processor runs 1.5 s without yielding (lockDuration 400)", function()
+  -- valgrind runs one thread at a time: the keeper thread cannot run while
+  -- the processor spins, which is the very thing this test is about.
+  local slow = (tonumber(os.getenv("AM2Z_TEST_TIMEOUT_MULT")) or 1) > 5
+  local it_or_pending = slow and pending or it
+  it_or_pending("are renewed while the processor runs 1.5 s without yielding (lockDuration 400)", function()
     local name = ("locks-%d-%d"):format(os.time(), math.random(1e6))
     local conn = { url = URL, logger = silent }
     -- A second worker process on the same queue runs stall checks every
