@@ -145,3 +145,47 @@ describe("malformed jobs from other producers #redis", function()
     end)
   end)
 end)
+
+describe("am2z-lua and queue handles #redis", function()
+  if not URL then
+    pending("AM2Z_TEST_REDIS_URL is not set (run through scripts/test.sh)")
+    return
+  end
+  it("SIGTERM closes open workers and event readers, and the program exits", function()
+    local BIN = os.getenv("AM2Z_BIN") or "./build/bin/am2z-lua"
+    local script = os.tmpname()
+    local f = assert(io.open(script, "w"))
+    f:write(([[
+local am2z = require("am2z")
+local conn = { url = %q, logger = am2z.createSilentLogger() }
+am2z.queue.Worker.new("sigterm-q", function() return 1 end, { connection = conn, logger = am2z.createSilentLogger() })
+am2z.queue.QueueEvents.new("sigterm-q", { connection = conn, logger = am2z.createSilentLogger() })
+am2z.sleep(100)
+print("READY")
+io.stdout:flush()
+]]):format(URL))
+    f:close()
+    local out = os.tmpname()
+    -- start it, wait for READY (another process: poll its output, bounded), TERM it
+    local p = io.popen(("(%s %s > %s 2>&1 & echo $!)"):format(BIN, script, out))
+    local pid = tonumber(p:read("*l"))
+    p:close()
+    for _ = 1, 300 do
+      local o = io.open(out)
+      local s = o and o:read("*a") or ""
+      if o then o:close() end
+      if s:find("READY") then break end
+      os.execute("sleep 0.02")
+    end
+    os.execute("kill -TERM " .. pid)
+    local gone = false
+    for _ = 1, 300 do
+      if os.execute("kill -0 " .. pid .. " 2>/dev/null") ~= 0 then gone = true break end
+      os.execute("sleep 0.02")
+    end
+    if not gone then os.execute("kill -9 " .. pid) end
+    os.remove(script)
+    os.remove(out)
+    assert.is_true(gone, "am2z-lua was still running 6 s after SIGTERM")
+  end)
+end)

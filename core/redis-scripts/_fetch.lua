@@ -6,9 +6,11 @@
 -- it active. Returns { job hash as a flat array, id, 0, 0 } or
 -- { 0, 0, rate-limit ttl, next delayed ms }.
 local function am2z_fetch(k_wait, k_active, k_prio, k_events, k_limiter, k_delayed, k_meta, k_pc,
-                          k_marker, P, now, token, lockDuration, limiterMax, limiterDuration, wname)
+                          k_marker, P, now, token, lockDuration, limiterMax, limiterDuration, wname,
+                          meta)
   local rcall = redis.call
-  local meta = rcall("HMGET", k_meta, "paused", "concurrency", "max", "duration")
+  -- The caller may pass the meta fields it read already (saves a call).
+  meta = meta or rcall("HMGET", k_meta, "paused", "concurrency", "max", "duration")
   local paused = meta[1] and true or false
   local maxed = meta[2] and rcall("LLEN", k_active) >= tonumber(meta[2]) or false
 

@@ -25,8 +25,9 @@ if ARGV[11] ~= "" then
 end
 if rcall("LREM", KEYS[2], -1, id) == 0 then return -3 end
 
-local maxEvents = rcall("HGET", KEYS[6], "opts.maxLenEvents") or 10000
-rcall("XTRIM", KEYS[4], "MAXLEN", "~", maxEvents)
+-- One read of meta serves the events limit here and the fetch below.
+local meta = rcall("HMGET", KEYS[6], "paused", "concurrency", "max", "duration", "opts.maxLenEvents")
+local maxEvents = meta[5] or 10000
 local atm = rcall("HINCRBY", J, "atm", 1)
 
 local function remove_job(jid)
@@ -52,14 +53,16 @@ else
   end
 end
 
-rcall("XADD", KEYS[4], "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5], "prev", "active")
+-- Trimmed with this entry (BullMQ trims first, then adds: the same bound).
+rcall("XADD", KEYS[4], "MAXLEN", "~", maxEvents, "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5],
+  "prev", "active")
 if ARGV[6] == "failed" and atm >= (tonumber(ARGV[12]) or 0) then
   rcall("XADD", KEYS[4], "*", "event", "retries-exhausted", "jobId", id, "attemptsMade", atm)
 end
 -- Fetch-next: hand the worker its next job in the same round trip.
 if ARGV[13] == "1" then
   local nxt = am2z_fetch(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[8], KEYS[9], KEYS[6], KEYS[10],
-    KEYS[11], P, now, ARGV[7], ARGV[14], ARGV[15], ARGV[16], ARGV[17])
+    KEYS[11], P, now, ARGV[7], ARGV[14], ARGV[15], ARGV[16], ARGV[17], meta)
   if type(nxt[1]) == "table" or nxt[3] > 0 or nxt[4] > 0 then return nxt end
 end
 if rcall("LLEN", KEYS[1]) == 0 and rcall("LLEN", KEYS[2]) == 0 and rcall("ZCARD", KEYS[3]) == 0 then

@@ -134,6 +134,13 @@ function am2z._onSignal(name)
         if not ok then io.stderr:write("am2z: stopping a runtime failed: ", tostring(e), "\n") end
       end
     end
+    -- Workers finish their running jobs; event readers stop.
+    for h in pairs(am2z.queue._open) do
+      if not h._closed and not h._closing then
+        local ok, e = pcall(h.close, h)
+        if not ok then io.stderr:write("am2z: closing a queue handle failed: ", tostring(e), "\n") end
+      end
+    end
     -- Then the script itself: its pending wait returns a CancelledError.
     core.cancel_main()
     return true

@@ -26,6 +26,10 @@ local json_null = cjson.null
 
 local M = {}
 
+-- Open workers and event readers, so am2z-lua can close them on SIGINT/SIGTERM.
+local open_handles = setmetatable({}, { __mode = "k" })
+M._open = open_handles
+
 local VERSION = "am2z-lua:" .. tostring(core.version)
 
 local function wall_ms()
@@ -543,6 +547,7 @@ function Worker.new(name, processor, opts)
     _opts = opts, _logger = opts.logger or log.createLogger({ source = "worker:" .. name }),
     _listeners = {}, _active = {}, _running = 0, _closing = false, _uuid = random_id(), _seq = 0,
   }, Worker)
+  open_handles[w] = true
   if opts.autorun ~= false then w:run() end
   return w
 end
@@ -917,6 +922,7 @@ function QueueEvents.new(name, opts)
                             _opts = opts, _listeners = {}, _lastId = opts.lastEventId or "$",
                             _logger = opts.logger or log.createLogger({ source = "events:" .. name }),
                             _waiters = {} }, QueueEvents)
+  open_handles[ev] = true
   if opts.autorun ~= false then ev:run() end
   return ev
 end
