@@ -16,37 +16,10 @@ local am2z = require("am2z")
 local Success, Failure = am2z.Success, am2z.Failure
 local format, concat = string.format, table.concat
 
--- --redis URL (or AM2Z_REDIS_URL) selects the distributed runtime.
-local function redisUrl(args)
-  for i = 1, #args do
-    if args[i] == "--redis" then
-      if not args[i + 1] then
-        io.stderr:write("usage: quickstart.lua [--redis URL]\n")
-        os.exit(2)
-      end
-      return args[i + 1]
-    end
-  end
-  local env = os.getenv("AM2Z_REDIS_URL")
-  return env ~= "" and env or nil
-end
-
-local REDIS_URL = redisUrl(arg or {})
-local log = am2z.createLogger{ source = "example" }
-
-local function createRuntime()
-  if REDIS_URL then
-    io.stderr:write("QueueRuntime is not available yet; running on LocalRuntime\n")
-  end
-  return am2z.LocalRuntime.new{ logger = log }
-end
-
-local function append(list, item)
-  local out = {}
-  for i, v in ipairs(list) do out[i] = v end
-  out[#out + 1] = item
-  return out
-end
+-- Runtime choice, logger and helpers shared by the examples (examples/common.lua).
+local common = dofile((arg and arg[0] or ""):match("^(.-)[^/]*$") .. "common.lua")
+local log, createRuntime = common.log, common.createRuntime
+local append = common.append
 
 -- The simulated payment gateway is unavailable on its first call.
 local gatewayCalls = 0
