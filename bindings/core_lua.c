@@ -1057,6 +1057,18 @@ static int l_now(lua_State *L)
     return 1;
 }
 
+/* sha256(string) -> 64 hex digits (the state store's integrity hash). */
+static int l_sha256(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    char hex[65];
+    int rc = am2z_sha256_hex(s, len, hex);
+    if (rc != 0) return luaL_error(L, "sha256: %s", am2z_strerror(rc));
+    lua_pushlstring(L, hex, 64);
+    return 1;
+}
+
 /* ISO-8601 UTC with milliseconds; the formatted seconds are cached since a
  * runtime stamps every step and strftime dominates otherwise. */
 static int l_iso_now(lua_State *L)
@@ -1532,6 +1544,7 @@ static const luaL_Reg core_funcs[] = {
     { "run_loop", l_run_loop },
     { "now", l_now },
     { "iso_now", l_iso_now },
+    { "sha256", l_sha256 },
     { "wall_ms", l_wall_ms },
     { "retry_delay", l_retry_delay },
     { "stats", l_stats },

@@ -96,5 +96,23 @@ if [ -z "$plan" ]; then
   failed=$((failed + 1))
 fi
 
+# ---- the shared runtime specs once more, against QueueRuntime on the
+# throwaway redis-server (spec/runtime_factory.lua picks the runtime). Part of
+# every full run; with named specs only when AM2Z_TEST_QUEUE_RERUN=1.
+QUEUE_SPECS=(spec/runtime_spec.lua spec/compose_spec.lua spec/semantics_spec.lua)
+if [ -n "${AM2Z_TEST_REDIS_URL:-}" ] \
+   && { [ "${SPECS[*]}" = "spec" ] || [ -n "${AM2Z_TEST_QUEUE_RERUN:-}" ]; }; then
+  AM2Z_TEST_RUNTIME=queue LD_PRELOAD="$PRELOAD" busted --lua=luajit --cpath="$BUILD_DIR/lib/?.so" \
+    -o TAP "${QUEUE_SPECS[@]}" 2>&1 | tee "$tmp/busted-queue.log"
+  ok=$(grep -cE "^ok [0-9]+" "$tmp/busted-queue.log")
+  nok=$(grep -cE "^not ok [0-9]+" "$tmp/busted-queue.log")
+  passed=$((passed + ok))
+  failed=$((failed + nok))
+  if ! grep -qE "^1\.\.[0-9]+" "$tmp/busted-queue.log"; then
+    echo "busted (QueueRuntime run) did not finish (no TAP plan line)"
+    failed=$((failed + 1))
+  fi
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -3,6 +3,8 @@
 -- assertions are windows and lower bounds; cancellation is checked by what
 -- ran after the cancelled call and by the engine counts going back to zero.
 local am2z = require("am2z")
+local factory = require("runtime_factory")
+local new_runtime = factory.new
 local errors = am2z.errors
 local core = require("am2z.core")
 
@@ -89,11 +91,11 @@ local function timed(fn)
   return r, am2z.now() - t0
 end
 
-describe("am2z composition", function()
+describe("am2z composition (" .. factory.name .. ")", function()
   local rt
 
   before_each(function()
-    rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger() }
+    rt = new_runtime{ logger = am2z.createSilentLogger() }
   end)
 
   after_each(function()

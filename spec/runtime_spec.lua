@@ -11,6 +11,8 @@
 -- bound.
 
 local am2z = require("am2z")
+local factory = require("runtime_factory")
+local new_runtime = factory.new
 local core = require("am2z.core")
 local errors = am2z.errors
 local Success, Failure = am2z.Success, am2z.Failure
@@ -70,11 +72,11 @@ local function echo(name)
   return P(name):process(function(s) return Success(s) end)
 end
 
-describe("LocalRuntime", function()
+describe(factory.name, function()
   local rt
 
   before_each(function()
-    rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger() }
+    rt = new_runtime{ logger = am2z.createSilentLogger() }
   end)
 
   after_each(function()
@@ -439,7 +441,7 @@ describe("LocalRuntime", function()
     end)
 
     it("the runtime's defaultTimeout applies to processors without withTimeout", function()
-      rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger(), defaultTimeout = 50 }
+      rt = new_runtime{ logger = am2z.createSilentLogger(), defaultTimeout = 50 }
       local done = new_signal()
       rt:register(P("slow"):process(function(s, ctx) ctx:sleep(10000) done.fire() return Success(s) end))
       local r, elapsed
@@ -609,7 +611,7 @@ describe("LocalRuntime", function()
     end)
 
     it("with maxCallDepth = 3, the call that would run at depth 4 fails with CallDepthExceededError", function()
-      rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger(), maxCallDepth = 3 }
+      rt = new_runtime{ logger = am2z.createSilentLogger(), maxCallDepth = 3 }
       local depths, innermost = {}, nil
       rt:register(P("recurse"):process(function(s, ctx)
         depths[#depths + 1] = ctx.callDepth

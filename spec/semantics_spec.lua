@@ -1,5 +1,7 @@
 -- Boundary semantics that are easy to break while optimizing the hot path.
 local am2z = require("am2z")
+local factory = require("runtime_factory")
+local new_runtime = factory.new
 local errors = am2z.errors
 local Success, Failure = am2z.Success, am2z.Failure
 local P = am2z.createProcessor
@@ -9,10 +11,10 @@ local function counts_zero()
   assert.are.same({ execs = 0, timers = 0, threads = 0, results = 0 }, c)
 end
 
-describe("execution boundaries", function()
+describe("execution boundaries (" .. factory.name .. ")", function()
   local rt
   before_each(function()
-    rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger() }
+    rt = new_runtime{ logger = am2z.createSilentLogger() }
   end)
   after_each(function()
     am2z.run(function() rt:stop() end, { timeoutMs = TEST_TIMEOUT_MS })

@@ -324,6 +324,12 @@ double am2z_retry_delay(const am2z_retry_policy_t *p, int failed_attempt,
                         double unit_random);
 int    am2z_retry_policy_check(const am2z_retry_policy_t *p, const char **why);
 
+/* ---- hashing ---------------------------------------------------------- */
+
+/* SHA-256 of len bytes as 64 lowercase hex digits and a NUL (OpenSSL).
+ * Returns 0, AM2Z_EINVAL for a NULL out (or NULL data with len > 0). */
+int am2z_sha256_hex(const void *data, size_t len, char out[65]);
+
 /* ---- events ----------------------------------------------------------- */
 
 typedef struct {

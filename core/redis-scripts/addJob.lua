@@ -2,8 +2,12 @@
   Adds one job (BullMQ 6 data model): standard, prioritized or delayed.
   KEYS: 1 wait, 2 prioritized, 3 delayed, 4 meta, 5 id, 6 events, 7 marker, 8 pc, 9 active
   ARGV: 1 key prefix "<prefix>:<queue>:", 2 custom id or "", 3 name, 4 data (JSON),
-        5 opts (JSON), 6 timestamp (ms), 7 delay (ms), 8 priority, 9 lifo ("1"/"0")
-  Returns the job id (the existing one for a duplicate custom id).
+        5 opts (JSON), 6 timestamp (ms), 7 delay (ms), 8 priority, 9 lifo ("1"/"0"),
+        10 "1": for a duplicate, also report how the existing job ended (am2z's
+        deterministic child ids: a re-run parent reuses a finished child's result)
+  Returns the job id (the existing one for a duplicate custom id); with
+  ARGV[10] = "1" a duplicate returns { id, finishedOn, returnvalue,
+  failedReason, am2zError } instead.
 ]]
 local rcall = redis.call
 local P = ARGV[1]
@@ -19,6 +23,10 @@ if id == "" then
   id = string.format("%d", counter)
 elseif rcall("EXISTS", P .. id) == 1 then
   rcall("XADD", KEYS[6], "MAXLEN", "~", maxEvents, "*", "event", "duplicated", "jobId", id)
+  if ARGV[10] == "1" then
+    local f = rcall("HMGET", P .. id, "finishedOn", "returnvalue", "failedReason", "am2zError")
+    return { id, f[1] or "", f[2] or "", f[3] or "", f[4] or "" }
+  end
   return id
 end
 

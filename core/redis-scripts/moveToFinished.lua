@@ -8,7 +8,9 @@
         6 target name, 7 token, 8 keep count (-1: all), 9 keep age (s, 0: none),
         10 keep limit, 11 stacktrace JSON or "", 12 opts.attempts,
         13 "1" to fetch the next job (with token ARGV[7]), 14 lock duration,
-        15 limiter max, 16 limiter duration, 17 worker name
+        15 limiter max, 16 limiter duration, 17 worker name,
+        18 (optional) an extra field stored in the job hash and carried by the
+        completed/failed event, 19 its value (am2z: the serialized error)
   Returns 0 (or, fetching, the next job as moveToActive does), or -1 (no
   job), -2 (lock missing), -6 (lock held by another worker), -3 (not active).
 ]]
@@ -54,8 +56,15 @@ else
 end
 
 -- Trimmed with this entry (BullMQ trims first, then adds: the same bound).
-rcall("XADD", KEYS[4], "MAXLEN", "~", maxEvents, "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5],
-  "prev", "active")
+local extraField = ARGV[18]
+if extraField and extraField ~= "" then
+  if keepCount ~= 0 then rcall("HSET", J, extraField, ARGV[19]) end
+  rcall("XADD", KEYS[4], "MAXLEN", "~", maxEvents, "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5],
+    "prev", "active", extraField, ARGV[19])
+else
+  rcall("XADD", KEYS[4], "MAXLEN", "~", maxEvents, "*", "event", ARGV[6], "jobId", id, ARGV[4], ARGV[5],
+    "prev", "active")
+end
 if ARGV[6] == "failed" and atm >= (tonumber(ARGV[12]) or 0) then
   rcall("XADD", KEYS[4], "*", "event", "retries-exhausted", "jobId", id, "attemptsMade", atm)
 end

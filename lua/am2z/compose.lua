@@ -145,7 +145,7 @@ M.defaultMerge = default_merge
 -- Branch driver: one per concurrent child, so the fan-out can wait for
 -- whichever finishes first.
 local function branch_body(ctx, c, i)
-  local r = executor.invoke(ctx._rt, c.name, c.state, c.sid, ctx.callDepth + 1, ctx._eid .. "." .. i)
+  local r = executor.call(ctx, c.name, c.state, c.sid, i)
   return r, r.success
 end
 
@@ -154,8 +154,12 @@ end
 -- failure to occur, after cancelling the others.
 local function fan_out(ctx, calls)
   local index, pending = {}, #calls
+  -- Call positions (which make the children's ids) are the context's, as
+  -- if each branch were one ctx:call in turn.
+  local base = ctx._ncalls
+  ctx[9] = base + #calls
   for i, c in ipairs(calls) do
-    local id = core.spawn(branch_body, "child", 0, ctx.callDepth, 1, ctx, c, i)
+    local id = core.spawn(branch_body, "child", 0, ctx.callDepth, 1, ctx, c, base + i)
     index[id] = i
   end
   local out = {}

@@ -122,7 +122,21 @@ function ctx_methods.call(self, name, state)
   end
   local n = self[9] + 1
   self[9] = n
-  return invoke(self[1], name, state, self[5], self[10] + 1, self[4] .. "." .. n)
+  return M.call(self, name, state, self[5], n)
+end
+
+--- The n-th call of an attempt, as ctx:call and the composites make it: run
+--- here (LocalRuntime) or through the runtime's queues (QueueRuntime: a
+--- runtime with _callRemote). The child's id is deterministic -- the
+--- parent's id and the call's position, plus the attempt after the first --
+--- so a parent re-run after a crash finds the children it already started.
+function M.call(ctx, name, state, sid, n)
+  local attempt = ctx[6]
+  local eid = attempt == 1 and (ctx[4] .. "." .. n) or (ctx[4] .. "." .. n .. "r" .. attempt)
+  local rt = ctx[1]
+  local remote = rt._callRemote
+  if remote then return remote(rt, ctx, name, state, sid, ctx[10] + 1, eid) end
+  return invoke(rt, name, state, sid, ctx[10] + 1, eid)
 end
 
 --- Suspends for ms; true, or nil + TimeoutError/CancelledError when aborted.
@@ -529,5 +543,8 @@ function M.start(rt, name, state, sid, eid, done, arg)
 end
 
 M.invoke = invoke
+M.precheck = precheck
+M.failed = failed
+M.wallOffset = wall_offset
 
 return M

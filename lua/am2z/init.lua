@@ -55,6 +55,11 @@ am2z.MemoryStateManager = statem.MemoryStateManager
 
 -- Runtimes
 am2z.LocalRuntime = runtime.LocalRuntime
+local queue_runtime = require("am2z.queue_runtime")
+am2z.QueueRuntime = queue_runtime.QueueRuntime
+am2z.createQueueRuntime = queue_runtime.createQueueRuntime
+am2z.createQueueRuntimeWithDefaults = queue_runtime.createQueueRuntimeWithDefaults
+am2z.RedisStateManager = require("am2z.redis_state").RedisStateManager
 
 -- Redis connections (the base of the queue layer)
 am2z.redis = require("am2z.redis")

@@ -490,7 +490,7 @@ M.Worker = Worker
 local WORKER_OPTS = { connection = true, prefix = true, concurrency = true, lockDuration = true,
                       stalledInterval = true, maxStalledCount = true, drainDelay = true,
                       limiter = true, removeOnComplete = true, removeOnFail = true, name = true,
-                      autorun = true, logger = true }
+                      autorun = true, logger = true, _errorField = true }
 
 local function b64(s)
   local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -545,6 +545,7 @@ function Worker.new(name, processor, opts)
     removeOnComplete = normalize_keep(opts.removeOnComplete, "Worker.new"),
     removeOnFail = normalize_keep(opts.removeOnFail, "Worker.new"),
     _opts = opts, _logger = opts.logger or log.createLogger({ source = "worker:" .. name }),
+    _errorField = opts._errorField,
     _listeners = {}, _active = {}, _running = 0, _closing = false, _uuid = random_id(), _seq = 0,
   }, Worker)
   open_handles[w] = true
@@ -700,11 +701,16 @@ local function run_one(w, job, token)
       w:_emit("failed", job, errors.from(v), "retrying")
     else
       local count, age, lim = keep_of(job.opts.removeOnFail, w.removeOnFail)
+      local args = { k.P, job.id, now, "failedReason", reason, "failed", token, count, age, lim, st,
+                     attempts, next_args(w) }
+      if w._errorField then
+        -- QueueRuntime: the whole error, so it comes back as the same class.
+        local fname, fvalue = w._errorField(v)
+        if fname then args[18], args[19] = fname, fvalue end
+      end
       local r, err = finish_call(w, "moveToFinished",
         { k.wait, k.active, k.prioritized, k.events, k.stalled, k.meta, k.failed,
-          k.limiter, k.delayed, k.pc, k.marker },
-        { k.P, job.id, now, "failedReason", reason, "failed", token, count, age, lim, st, attempts,
-          next_args(w) })
+          k.limiter, k.delayed, k.pc, k.marker }, args)
       nxt = next_job(w, r)
       if r ~= 0 and type(r) ~= "table" then
         w._logger:warn(format("job %s: could not fail (%s)", job.id, tostring(r or err)))
@@ -765,7 +771,7 @@ local function wait_slot(w)
   if w._wake and w._wake[2] == token then w._wake = nil end
 end
 
-local function main_loop(w)
+local function main_loop_body(w)
   local ok, err = pcall(function()
     w._conn = connect(w._opts.connection, nil, w._logger)
     w.queue._c = w._conn
@@ -813,11 +819,14 @@ local function main_loop(w)
       w._fetching = true
       local job, token, ttl, next_delayed, ferr = fetch(w)
       w._fetching = false
-      if job and w._closing then
-        -- Handed a job while closing: give it back untouched, at the front.
-        local k = w.keys
-        script("releaseJob"):run(w._conn, { k.active, k.wait, k.stalled, k.marker, k.events, k.meta,
-          k.prioritized }, { k.P, job.id, token })
+      if w._closing then
+        -- Closed meanwhile (the close could not cut the fetch short). A job
+        -- handed over goes back untouched, at the front.
+        if job then
+          local k = w.keys
+          script("releaseJob"):run(w._conn, { k.active, k.wait, k.stalled, k.marker, k.events, k.meta,
+            k.prioritized }, { k.P, job.id, token })
+        end
         break
       elseif job then
         drained_known = false
@@ -857,10 +866,42 @@ local function main_loop(w)
   return true, true
 end
 
+-- QueueRuntime: a job whose processor waits on child jobs gives its
+-- concurrency slot back meanwhile (so nesting cannot deadlock at any
+-- concurrency), and takes it again, even beyond the limit for a moment, when
+-- it goes on.
+function Worker:_releaseSlot()
+  self._running = self._running - 1
+  if self._wake then
+    local x = self._wake
+    self._wake = nil
+    core.complete_host(x[1], x[2])
+  end
+end
+
+function Worker:_takeSlot()
+  self._running = self._running + 1
+end
+
 --- Starts processing (done by Worker.new unless autorun = false).
+-- The loop tells a closer waiting for it that it has ended, so close()
+-- returns with nothing of the worker left running.
+-- (a continuation: it runs even when the loop was cancelled before its
+-- body ever started).
+local function loop_settled(w)
+  w._loopDone = true
+  local x = w._loopWaiter
+  if x then
+    w._loopWaiter = nil
+    core.complete_host(x[1], x[2])
+  end
+  return true, true
+end
+
 function Worker:run()
   if self._loop then return self end
-  self._loop = core.spawn(main_loop, "root", 0, 0, 1, self)
+  self._loop = core.spawn(main_loop_body, "root", 0, 0, 1, self)
+  core.on_settle(self._loop, loop_settled, self)
   return self
 end
 
@@ -873,6 +914,11 @@ function Worker:close()
   if self._loop and not self._fetching then core.cancel(self._loop) end
   if self._aux then core.cancel(self._aux) end
   if core.in_exec() then
+    if self._loop and not self._loopDone then
+      local token = require("am2z.executor").newToken()
+      self._loopWaiter = { (core.current()), token }
+      core.wait_host(token)
+    end
     while self._running > 0 do
       wait_slot(self)
     end
@@ -903,7 +949,7 @@ end
 
 --- Follows a queue's events stream (XREAD BLOCK) on a connection of its own.
 local EVENTS_OPTS = { connection = true, prefix = true, lastEventId = true, blockingTimeout = true,
-                      autorun = true, logger = true }
+                      autorun = true, logger = true, _errorField = true }
 
 function QueueEvents.new(name, opts)
   check_queue_name("QueueEvents.new", name)
@@ -1058,5 +1104,9 @@ function QueueEvents:close()
   if self._conn then self._conn:close() end
   if self._queue then self._queue:close() end
 end
+
+M._script = script
+M._keys = keys_for
+M._flatToHash = flat_to_hash
 
 return M

@@ -1,0 +1,957 @@
+--[[
+am2z.queue_runtime -- QueueRuntime: the same processors and semantics as
+LocalRuntime, executed by workers over Redis (ARCHITECTURE.md, "Distributed
+model"), on the BullMQ-compatible layer (am2z.queue).
+
+- One queue per processor, `<queuePrefix>_<name>`. A job is one execution:
+  data { processorName, state, sessionId, executionId, callContext }, job id
+  = execution id; its return value is the execution result, a failure
+  stores the serialized result (error included) in the job's `am2zError`
+  field and in the failed event.
+- Attempts, retries and timeouts run inside the worker that took the job
+  (am2z.executor, as in LocalRuntime); the job is one BullMQ attempt.
+- ctx:call and the composites enqueue a child job with a deterministic id
+  (am2z.executor.call) and wait for its completed/failed event. While a job
+  waits on children its worker slot is free, so nesting never deadlocks.
+  A parent re-run after a crash gets its finished children's stored
+  results back from the add itself (addJob's duplicate report); children
+  are kept until their parent ends, then removed.
+- One blocking reader per runtime (the hub) follows the events streams of
+  every processor queue plus a control stream that carries cancellations to
+  whichever process runs the job.
+
+Must not: raise for runtime conditions in execute/ctx:call (Redis down,
+unknown processor, bad state: failed results), or hold a worker slot while
+waiting on a child.
+]]
+
+local core = require("am2z.core")
+local cjson = require("cjson")
+local errors = require("am2z.errors")
+local log = require("am2z.log")
+local executor = require("am2z.executor")
+local statem = require("am2z.state")
+local processor = require("am2z.processor")
+local queue = require("am2z.queue")
+local redis = require("am2z.redis")
+local runtime = require("am2z.runtime")
+
+local type, pairs, ipairs, error, setmetatable, tostring, pcall, tonumber =
+  type, pairs, ipairs, error, setmetatable, tostring, pcall, tonumber
+local format, floor = string.format, math.floor
+local describe = processor.describe
+local LocalRuntime = runtime.LocalRuntime
+local json_null = cjson.null
+
+local M = {}
+
+---@class QueueRuntime : LocalRuntime
+local QueueRuntime = setmetatable({}, { __index = LocalRuntime })
+QueueRuntime.__index = QueueRuntime
+M.QueueRuntime = QueueRuntime
+
+local ERROR_FIELD = "am2zError"
+
+-- ------------------------------------------------------------ helpers
+
+local function newtoken() return executor.newToken() end
+
+-- A failed result built here (never ran: Redis down, cancelled while queued).
+local function fail_result(name, eid, sid, state, err)
+  return { success = false, error = err, state = statem.clone(state), executionTime = 0,
+           metadata = { processorName = name, executionId = eid, sessionId = sid, attempt = 1 } }
+end
+
+-- The result a job's completed event (returnvalue) stands for.
+local function completed_result(name, jid, rv)
+  local ok, r = pcall(cjson.decode, rv)
+  if ok and type(r) == "table" and r.success == true and type(r.state) == "table" then
+    if type(r.metadata) ~= "table" then r.metadata = { processorName = name, executionId = jid } end
+    r.executionTime = tonumber(r.executionTime) or 0
+    return r
+  end
+  return { success = false, executionTime = 0, metadata = { processorName = name, executionId = jid },
+           error = errors.ProcessorExecutionError(name, jid,
+             "job " .. jid .. " completed with a return value that is not an am2z execution result") }
+end
+
+-- The result a job's failed event (or hash) stands for.
+local function failed_result(name, jid, reason, errjson)
+  if errjson and errjson ~= "" then
+    local ok, t = pcall(cjson.decode, errjson)
+    if ok and type(t) == "table" and t.error ~= nil then
+      local r = { success = false, error = errors.deserialize(t.error),
+                  state = type(t.state) == "table" and t.state or nil,
+                  executionTime = tonumber(t.executionTime) or 0,
+                  metadata = type(t.metadata) == "table" and t.metadata
+                    or { processorName = name, executionId = jid } }
+      return r
+    end
+  end
+  return { success = false, executionTime = 0, metadata = { processorName = name, executionId = jid },
+           error = errors.ProcessorExecutionError(name, jid, reason or "job failed") }
+end
+
+-- Worker hook: the failure value a job handler raised or returned, as the
+-- job hash field the producer rebuilds the failed result from.
+local function error_field(v)
+  if type(v) == "table" and v.am2zResult then
+    local r = v.am2zResult
+    local ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(r.error),
+      state = r.state, executionTime = r.executionTime, metadata = r.metadata })
+    if not ok then
+      ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(r.error),
+        executionTime = r.executionTime, metadata = r.metadata })
+    end
+    if ok then return ERROR_FIELD, j end
+    return nil
+  end
+  local ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(v) })
+  if ok then return ERROR_FIELD, j end
+  return nil
+end
+
+-- ------------------------------------------------------------ the hub
+
+-- One blocking reader of every processor queue's events stream and of the
+-- control stream. Waiters are keyed by job id; a waiter registers before the
+-- job is added (or checked), so its event cannot be missed: a stream joins
+-- the reader at its last entry as of before any waiter for it exists.
+local Hub = {}
+Hub.__index = Hub
+
+local function hub_new(rt)
+  return setmetatable({ rt = rt, keys = {}, ids = {}, names = {}, waiters = {}, closing = false },
+    Hub)
+end
+
+function Hub:register(jid, name)
+  local w = { name = name, co = false, token = false, result = false }
+  local prev = self.waiters[jid]
+  if prev then w.next = prev end
+  self.waiters[jid] = w
+  return w
+end
+
+function Hub:unregister(jid, w)
+  local cur = self.waiters[jid]
+  if cur == w then
+    self.waiters[jid] = w.next
+  else
+    while cur and cur.next ~= w do cur = cur.next end
+    if cur then cur.next = w.next end
+  end
+end
+
+function Hub:resolve(jid, result)
+  local w = self.waiters[jid]
+  if not w then return end
+  self.waiters[jid] = nil
+  while w do
+    if not w.result then
+      w.result = result
+      if w.co then core.complete_host(w.co, w.token) end
+    end
+    w = w.next
+  end
+end
+
+-- Waits for w's result (inside an engine coroutine); nil + reason when the
+-- waiting coroutine was aborted.
+function Hub:await(jid, w)
+  if w.result then return w.result end
+  w.co, w.token = (core.current()), newtoken()
+  local ok, reason = core.wait_host(w.token)
+  w.co = false
+  if w.result then return w.result end
+  self:unregister(jid, w)
+  return nil, ok and "ECANCELED" or reason
+end
+
+-- The id a stream joins the reader at: its last entry, or the beginning
+-- when it is empty or does not exist yet.
+local function stream_tail(conn, key)
+  local r = conn:call("XREVRANGE", key, "+", "-", "COUNT", 1)
+  if type(r) == "table" and type(r[1]) == "table" then return r[1][1] end
+  return "0-0"
+end
+
+function Hub:addStream(key, name)
+  if self.ids[key] then return end
+  local conn = self.rt._conn
+  self.ids[key] = stream_tail(conn, key)
+  self.keys[#self.keys + 1] = key
+  self.names[key] = name
+  -- A reader blocked on the old list of streams returns at once: it always
+  -- reads the control stream, from a concrete id, so an entry there wakes
+  -- it even when its XREAD reaches Redis only after this.
+  if self.co then
+    conn:call("XADD", self.rt._prefix .. ":control", "MAXLEN", "~", 1000, "*", "event", "wake")
+  end
+end
+
+function Hub:_event(key, f)
+  local rt = self.rt
+  local name = self.names[key]
+  local ev, jid = f.event, f.jobId
+  if name == false then
+    -- control stream
+    if ev == "cancel" and jid then rt:_cancelLocal(jid) end
+    return
+  end
+  if ev == "completed" then
+    if self.waiters[jid] then self:resolve(jid, completed_result(name, jid, f.returnvalue)) end
+  elseif ev == "failed" then
+    if self.waiters[jid] then self:resolve(jid, failed_result(name, jid, f.failedReason, f[ERROR_FIELD])) end
+  end
+  local lname = "queue:" .. tostring(ev)
+  if rt._listeners[lname] then
+    local payload = { queueName = rt._bull .. ":" .. rt._prefix .. "_" .. name, processorName = name,
+                      jobId = jid }
+    for k, v in pairs(f) do if k ~= "event" and k ~= "jobId" then payload[k] = v end end
+    rt:_dispatch(lname, payload)
+  end
+end
+
+local function hub_loop(hub)
+  local rt = hub.rt
+  local conn, err = redis.connect(rt:_connOpts("am2z:hub"))
+  if not conn then
+    rt._logger:error("QueueRuntime: the events reader could not connect", { error = tostring(err) })
+    hub.dead = true
+    return true, true
+  end
+  hub.conn = conn
+  local block = 5000
+  while not hub.closing do
+    local args = { "XREAD", "COUNT", 1000, "BLOCK", block, "STREAMS" }
+    local keys, n = hub.keys, #hub.keys
+    for i = 1, n do args[6 + i] = keys[i] end
+    for i = 1, n do args[6 + n + i] = hub.ids[keys[i]] end
+    local r, e = conn:callTimeout(block + 5000, unpack(args))
+    if hub.closing then break end
+    if r == nil and e then
+      if core.aborted() then break end
+      if errors.is(e, errors.NetworkError) then
+        if not core.sleep(200) then break end
+      elseif not errors.is(e, errors.TimeoutError) then
+        -- an error reply that would come back at once: do not spin on it
+        rt._logger:warn("QueueRuntime: events reader error", { error = tostring(e) })
+        if not core.sleep(200) then break end
+      end
+    elseif type(r) == "table" then
+      for _, s in ipairs(r) do
+        local key, entries = s[1], s[2]
+        for _, ent in ipairs(entries) do
+          hub.ids[key] = ent[1]
+          local arr, f = ent[2], {}
+          for i = 1, #arr, 2 do f[arr[i]] = arr[i + 1] end
+          local ok, perr = pcall(hub._event, hub, key, f)
+          if not ok then
+            rt._logger:error("QueueRuntime: handling an event failed", { error = tostring(perr) })
+          end
+        end
+      end
+    end
+  end
+  return true, true
+end
+
+function Hub:start()
+  self.co = core.spawn(hub_loop, "root", 0, 0, 1, self)
+end
+
+function Hub:close()
+  self.closing = true
+  if self.co then core.cancel(self.co) end
+  if self.conn then self.conn:close() end
+  -- Whoever still waits gets a failure, never a hang.
+  for jid in pairs(self.waiters) do
+    local w = self.waiters[jid]
+    self:resolve(jid, { success = false, executionTime = 0,
+      metadata = { processorName = w.name, executionId = jid },
+      error = errors.CancelledError("the runtime was stopped while waiting for execution " .. jid,
+        "stopped") })
+  end
+end
+
+-- ------------------------------------------------------------ construction
+
+local KNOWN = { queuePrefix = true, redis = true, worker = true, queue = true, monitoring = true,
+                runtime = true, logger = true, stateManager = true }
+
+local function check_table(fname, key, v)
+  if v ~= nil and type(v) ~= "table" then
+    error(format("%s: expected %s to be a table, got %s", fname, key, describe(v)), 3)
+  end
+  return v or {}
+end
+
+local function check_keep(fname, key, v)
+  if v == nil or v == true or v == false then return v end
+  if type(v) == "number" and v >= 0 and v == floor(v) then return v end
+  if type(v) == "table" then return v end
+  error(format("%s: expected queue.%s to be a boolean, a count or { count, age }, got %s", fname, key,
+    describe(v)), 3)
+end
+
+--- Creates a runtime whose executions run on workers over Redis.
+---@param config table { queuePrefix, redis, worker = { concurrency, enabled }, queue, monitoring, runtime, logger, stateManager }
+---@return QueueRuntime
+function QueueRuntime.new(config)
+  local fname = "QueueRuntime.new"
+  if config ~= nil and type(config) ~= "table" then
+    error(fname .. ": expected a table of options or nil, got " .. describe(config), 2)
+  end
+  config = config or {}
+  for k in pairs(config) do
+    if not KNOWN[k] then
+      error(format("%s: unknown option %s (expected queuePrefix, redis, worker, queue, monitoring, "
+        .. "runtime, logger, stateManager)", fname, describe(k)), 2)
+    end
+  end
+  local prefix = config.queuePrefix == nil and "am2z" or config.queuePrefix
+  if type(prefix) ~= "string" or prefix == "" or prefix:find(":", 1, true) then
+    error(fname .. ": expected queuePrefix to be a non-empty string without ':', got " .. describe(prefix), 2)
+  end
+  local ropts = check_table(fname, "redis", config.redis)
+  redis.resolve(ropts)          -- raises a clear error for bad connection options
+  local wopts = check_table(fname, "worker", config.worker)
+  local qopts = check_table(fname, "queue", config.queue)
+  check_table(fname, "monitoring", config.monitoring)
+  local rtopts = check_table(fname, "runtime", config.runtime)
+  local conc = wopts.concurrency == nil and 5 or wopts.concurrency
+  if type(conc) ~= "number" or conc < 1 or conc ~= floor(conc) then
+    error(fname .. ": expected worker.concurrency to be a positive integer, got " .. describe(conc), 2)
+  end
+  if wopts.enabled ~= nil and type(wopts.enabled) ~= "boolean" then
+    error(fname .. ": expected worker.enabled to be a boolean, got " .. describe(wopts.enabled), 2)
+  end
+  local bull = qopts.prefix == nil and "bull" or qopts.prefix
+  if type(bull) ~= "string" or bull == "" then
+    error(fname .. ": expected queue.prefix to be a non-empty string, got " .. describe(bull), 2)
+  end
+  local keepOk = check_keep(fname, "removeOnComplete", qopts.removeOnComplete)
+  local keepFail = check_keep(fname, "removeOnFail", qopts.removeOnFail)
+  local ok, base = pcall(LocalRuntime.new, { maxCallDepth = rtopts.maxCallDepth,
+    defaultTimeout = rtopts.defaultTimeout, logger = config.logger,
+    stateManager = config.stateManager })
+  if not ok then error((tostring(base):gsub("LocalRuntime%.new", fname .. ": runtime")), 2) end
+  local self = setmetatable(base, QueueRuntime)
+  self._prefix = prefix
+  self._bull = bull
+  self._redisOpts = ropts
+  self._workerEnabled = wopts.enabled ~= false
+  self._concurrency = conc
+  self._workerOpts = wopts
+  self._keepComplete = keepOk == nil and 1000 or keepOk
+  self._keepFail = keepFail == nil and 1000 or keepFail
+  self._queues = {}
+  self._workers = {}
+  self._jobs = {}           -- execution id -> job running here { worker, waits, children }
+  self._pending = {}        -- execution id -> processor name, top-level waits of this process
+  self._callRemote = QueueRuntime._remoteCall
+  if config.stateManager == nil then
+    self._stateManager = require("am2z.redis_state").RedisStateManager.new(ropts)
+    self._ownState = true
+  end
+  return self
+end
+
+function QueueRuntime:_connOpts(name)
+  local o = {}
+  for k, v in pairs(self._redisOpts) do o[k] = v end
+  o.name = name
+  o.logger = o.logger or self._logger
+  return o
+end
+
+--- The full queue name of a processor.
+function QueueRuntime:queueName(name)
+  return self._prefix .. "_" .. name
+end
+
+-- ------------------------------------------------------------ lifecycle
+
+local function wake_ready(self)
+  local w = self._readyWaiters
+  self._readyWaiters = {}
+  for _, x in ipairs(w or {}) do core.complete_host(x[1], x[2]) end
+end
+
+-- Connects and sets everything up; _connecting stays true until done, so
+-- stop() can wait for it.
+function QueueRuntime:_connect()
+  self._connecting = true
+  local conn, err = redis.connect(self:_connOpts("am2z:runtime"))
+  if not conn then
+    self._connectError = err
+    self._logger:error("QueueRuntime: could not connect to Redis", { error = tostring(err) })
+  elseif not self._started then
+    conn:close()
+  else
+    self._conn = conn
+    self._connectError = nil
+    local hub = hub_new(self)
+    self._hub = hub
+    local ctl = self._prefix .. ":control"
+    hub.names[ctl] = false
+    hub.ids[ctl] = stream_tail(conn, ctl)
+    hub.keys[1] = ctl
+    hub:start()
+    self._ready = true
+    self:syncProcessors()
+  end
+  self._connecting = false
+  wake_ready(self)
+end
+
+-- true once connected; nil + NetworkError when Redis cannot be reached.
+function QueueRuntime:_whenReady()
+  if self._ready then return true end
+  if not self._started then
+    return nil, errors.NetworkError("the runtime was stopped before it could reach Redis")
+  end
+  if not self._connecting then
+    if not core.in_exec() then return nil, errors.NetworkError("not connected yet") end
+    self:_connect()
+  else
+    local token = newtoken()
+    self._readyWaiters = self._readyWaiters or {}
+    self._readyWaiters[#self._readyWaiters + 1] = { (core.current()), token }
+    core.wait_host(token)
+  end
+  if self._ready then return true end
+  return nil, self._connectError or errors.NetworkError("Redis is not reachable")
+end
+
+--- Connects, creates the queues (and workers, unless worker.enabled =
+--- false) of the registered processors. Twice is a no-op; after stop it
+--- starts again. Outside an engine coroutine the connection is made by the
+--- loop, and executions wait for it.
+function QueueRuntime:start()
+  if self._started then return self end
+  self._started = true
+  self._startedAt = core.now()
+  self._connecting = true
+  if core.in_exec() then
+    self:_connect()
+  else
+    local rt = self
+    core.spawn(function() rt:_connect() return true, true end, "root", 0, 0, 1)
+  end
+  return self
+end
+
+-- The job handler every worker of this runtime runs.
+local function handle_job(rt, job)
+  local d = job.data
+  if type(d) ~= "table" or type(d.processorName) ~= "string" or type(d.state) ~= "table" then
+    error(errors.ValidationError("job.data", nil, format(
+      "job %s is not an am2z job: expected data { processorName, state, sessionId, executionId, "
+      .. "callContext }", tostring(job.id))))
+  end
+  local name = d.processorName
+  local eid = type(d.executionId) == "string" and d.executionId or job.id
+  local sid = type(d.sessionId) == "string" and d.sessionId ~= "" and d.sessionId or eid
+  local cc = type(d.callContext) == "table" and d.callContext or {}
+  local depth = tonumber(cc.depth) or 0
+  if job._raw and job._raw.am2zCancel then
+    local r = fail_result(name, eid, sid, d.state,
+      errors.CancelledError(format("Processor '%s' was cancelled before it started", name), "cancelled"))
+    return nil, { message = r.error.message, am2zResult = r }
+  end
+  local j = { worker = job._worker, waits = 0, children = {} }
+  rt._jobs[eid] = j
+  local r = executor.invoke(rt, name, d.state, sid, depth, eid)
+  rt:_removeChildren(j.children)
+  rt._jobs[eid] = nil
+  rt:_notifyIdle()
+  if r.success then return r end
+  local e = r.error
+  return nil, { message = (type(e) == "table" and e.message) or tostring(e), am2zResult = r }
+end
+
+local REMOVE_JOBS = redis.script([[
+-- KEYS: completed, failed; ARGV: key prefix, ids...
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  if redis.call("LPOS", KEYS[3], id) == false then
+    redis.call("ZREM", KEYS[1], id)
+    redis.call("ZREM", KEYS[2], id)
+    redis.call("DEL", ARGV[1] .. id, ARGV[1] .. id .. ":logs")
+  end
+end
+return 0
+]])
+
+-- Children are kept while their parent runs (a re-run parent reads their
+-- results); once it has ended they go. Only finished ones: an active one
+-- (the parent was cancelled or timed out) ends and is trimmed by itself.
+function QueueRuntime:_removeChildren(children)
+  if #children == 0 or not self._conn then return end
+  local byq = {}
+  for _, c in ipairs(children) do
+    local l = byq[c[1]]
+    if not l then l = {} byq[c[1]] = l end
+    l[#l + 1] = c[2]
+  end
+  for name, ids in pairs(byq) do
+    local q = self._queues[name]
+    if q then
+      local k = q.keys
+      REMOVE_JOBS:run(self._conn, { k.completed, k.failed, k.active }, { k.P, unpack(ids) })
+    end
+  end
+end
+
+function QueueRuntime:_ensureQueue(name)
+  local q = self._queues[name]
+  if q then return q end
+  local def = self._processors[name]
+  q = queue.Queue.new(self:queueName(name), { prefix = self._bull, connection = self._redisOpts,
+    logger = self._logger })
+  q._c = self._conn
+  q._shared = true
+  q.processorName = name
+  self._queues[name] = q
+  self._hub:addStream(q.keys.events, name)
+  if self._workerEnabled and def then
+    local qc = def.config.queueConfig or {}
+    local limiter
+    if qc.rateLimitRpm then limiter = { max = qc.rateLimitRpm, duration = 60000 } end
+    local rt = self
+    local wo = self._workerOpts
+    self._workers[name] = queue.Worker.new(self:queueName(name), function(job)
+      return handle_job(rt, job)
+    end, { connection = self._redisOpts, prefix = self._bull,
+           concurrency = qc.concurrency or self._concurrency, limiter = limiter,
+           lockDuration = wo.lockDuration, stalledInterval = wo.stalledInterval,
+           maxStalledCount = wo.maxStalledCount, logger = self._logger:withSource("worker:" .. name),
+           _errorField = error_field })
+  end
+  return q
+end
+
+--- Makes processors registered after start runnable (queues, workers);
+--- workers of unregistered processors are closed.
+function QueueRuntime:syncProcessors()
+  if not self._ready then return self end
+  for name in pairs(self._processors) do self:_ensureQueue(name) end
+  for name, w in pairs(self._workers) do
+    if not self._processors[name] then
+      self._workers[name] = nil
+      w:close()
+    end
+  end
+  return self
+end
+
+function QueueRuntime:_cancelLocal(eid)
+  local cid = self._active[eid]
+  if not cid then return false end
+  self._cancelled[eid] = true
+  core.cancel(cid)
+  return true
+end
+
+-- Marks a queued job cancelled (a worker fails it when it takes it) and
+-- tells every process, one of which may be running it.
+local MARK_CANCEL = redis.script([[
+if redis.call("EXISTS", KEYS[1]) == 1 and not redis.call("HGET", KEYS[1], "finishedOn") then
+  redis.call("HSET", KEYS[1], "am2zCancel", "1")
+end
+redis.call("XADD", KEYS[2], "MAXLEN", "~", 1000, "*", "event", "cancel", "jobId", ARGV[1])
+return 0
+]])
+
+function QueueRuntime:_broadcastCancel(name, eid)
+  local q = self._queues[name]
+  if not (q and self._conn) then return end
+  local rt = self
+  local function send()
+    MARK_CANCEL:run(rt._conn, { q.keys.P .. eid, rt._prefix .. ":control" }, { eid })
+    return true, true
+  end
+  core.spawn(send, "root", 0, 0, 1)
+end
+
+--- Cancels an execution by id, wherever it runs; it fails with CancelledError.
+---@return boolean known true when this process runs it or waits for it
+function QueueRuntime:cancel(executionId)
+  if type(executionId) ~= "string" then
+    error("cancel: expected an execution id (string), got " .. describe(executionId), 2)
+  end
+  local here = self:_cancelLocal(executionId)
+  local name = self._pending[executionId]
+  if name then self:_broadcastCancel(name, executionId) end
+  return here or name ~= nil
+end
+
+-- ------------------------------------------------------------ calls
+
+-- The slot of the job that makes a call is free while it waits.
+local function leave_slot(j)
+  j.waits = j.waits + 1
+  if j.waits == 1 and j.worker then j.worker:_releaseSlot() end
+end
+local function back_to_slot(j)
+  j.waits = j.waits - 1
+  if j.waits == 0 and j.worker then j.worker:_takeSlot() end
+end
+
+-- Enqueues execution `eid` of `name` and waits for its result. `parent` is
+-- the calling execution's id (nil: top level).
+function QueueRuntime:_run(name, state, sid, depth, eid, parent)
+  local t0 = core.now()
+  local def, input = executor.precheck(self, name, state, sid, depth, eid, t0, t0 + executor.wallOffset)
+  if def == nil then return input end
+  local ok, err = self:_whenReady()
+  if not ok then
+    return fail_result(name, eid, sid, state, errors.NetworkError(
+      format("cannot execute '%s': %s", name, tostring(err and err.message or err)),
+      { cause = tostring(err) }))
+  end
+  local q = self:_ensureQueue(name)
+  local hub = self._hub
+  local w = hub:register(eid, name)
+  local j = parent and self._jobs[parent]
+  if j then
+    j.children[#j.children + 1] = { name, eid }
+    leave_slot(j)
+  end
+  local keep_c, keep_f = self._keepComplete, self._keepFail
+  if parent then keep_c, keep_f = false, false end
+  local qc = def.config.queueConfig
+  local data = { processorName = name, state = input, sessionId = sid, executionId = eid,
+                 callContext = { depth = depth, parentExecutionId = parent } }
+  local okj, data_json = pcall(cjson.encode, data)
+  local r, aerr
+  if not okj then
+    aerr = errors.ValidationError("state", nil, "state cannot be encoded as JSON: " .. tostring(data_json))
+  else
+    local opts_json = cjson.encode({ attempts = 0, removeOnComplete = keep_c, removeOnFail = keep_f,
+                                     priority = qc and qc.priority or nil })
+    local k = q.keys
+    r, aerr = queue._script("addJob"):run(self._conn,
+      { k.wait, k.prioritized, k.delayed, k.meta, k.id, k.events, k.marker, k.pc, k.active },
+      { k.P, eid, name, data_json, opts_json, format("%d", floor(core.wall_ms())), 0,
+        qc and qc.priority or 0, "0", "1" })
+  end
+  local result
+  if r == nil then
+    hub:unregister(eid, w)
+    result = fail_result(name, eid, sid, state, errors.is(aerr, errors.AM2ZError) and aerr
+      or errors.NetworkError(format("could not enqueue '%s': %s", name, tostring(aerr))))
+  else
+    if type(r) == "table" and r[2] ~= "" then
+      -- A re-run parent: this child had already finished.
+      hub:unregister(eid, w)
+      if r[3] ~= "" and r[4] == "" then
+        result = completed_result(name, eid, r[3])
+      else
+        result = failed_result(name, eid, r[4], r[5])
+      end
+    else
+      local res, reason = hub:await(eid, w)
+      if res then
+        result = res
+      else
+        -- We were aborted (cancelled, timed out): so is the child.
+        self:_broadcastCancel(name, eid)
+        result = fail_result(name, eid, sid, state, errors.fromCore(reason or "ECANCELED",
+          format("Execution of '%s' was interrupted: its caller was aborted", name)))
+      end
+    end
+  end
+  if j then back_to_slot(j) end
+  if result.state == nil then result.state = statem.clone(state) end
+  return result
+end
+
+function QueueRuntime._remoteCall(rt, ctx, name, state, sid, depth, eid)
+  return rt:_run(name, state, sid, depth, eid, ctx[4])
+end
+
+-- Top-level executions: the producer side of LocalRuntime's execute.
+function QueueRuntime:_executeTop(name, state, sid, named, eid, counted)
+  if not counted then self._top = self._top + 1 end
+  self._pending[eid] = name
+  local ok, r = pcall(self._run, self, name, state, sid, 0, eid, nil)
+  self._pending[eid] = nil
+  if not ok then
+    r = fail_result(name, eid, sid, state,
+      errors.ProcessorExecutionError(name, eid, r, { reason = "internal error" }))
+  end
+  self:_record(sid, named, r, eid)
+  self:_topDone()
+  return r
+end
+
+function QueueRuntime:_record(sid, named, r, eid)
+  if r.success and named then
+    local ok, e = pcall(self._stateManager.set, self._stateManager, sid, r.state, eid)
+    if not ok then self._logger:warn("could not store session state", { error = tostring(e) }) end
+  end
+end
+
+--- Executes in the given session (API.md: QueueRuntime adds it).
+function QueueRuntime:executeInSession(name, state, sessionId)
+  if type(sessionId) ~= "string" or sessionId == "" then
+    error("executeInSession: expected sessionId to be a non-empty string, got " .. describe(sessionId), 2)
+  end
+  return self:execute(name, state, sessionId)
+end
+
+-- executeMany and executeAsync: each execution waits in a coroutine of its
+-- own (a job on Redis is no cheaper to wait for without one).
+local Handle = {}
+Handle.__index = Handle
+
+function Handle:wait()
+  if self._result then return self._result end
+  if not core.in_exec() then
+    error("handle:wait: must be called inside an engine coroutine (am2z.run(fn), a processor, "
+      .. "or the main chunk of a script run by am2z-lua)", 2)
+  end
+  local token = newtoken()
+  self._waiters[#self._waiters + 1] = { (core.current()), token }
+  local _, reason = core.wait_host(token)
+  if self._result then return self._result end
+  return { success = false, executionTime = 0, metadata = { executionId = self.executionId },
+           error = errors.fromCore(reason or "ECANCELED", "wait interrupted: the waiter was aborted") }
+end
+
+function Handle:cancel()
+  return self._rt:cancel(self.executionId)
+end
+
+local function handle_body(h, a)
+  local r = h._rt:_executeTop(a[1], a[2], a[3], a[4], h.executionId, true)
+  h._result = r
+  local w = h._waiters
+  h._waiters = {}
+  for i = 1, #w do core.complete_host(w[i][1], w[i][2]) end
+  return true, true
+end
+
+local function check_exec_args(self, fname, name, state, sid)
+  if type(name) ~= "string" then
+    error(format("%s: expected a processor name (string), got %s", fname, describe(name)), 3)
+  end
+  if type(state) ~= "table" then
+    error(format("%s: expected a state table, got %s", fname, describe(state)), 3)
+  end
+  if sid ~= nil and (type(sid) ~= "string" or sid == "") then
+    error(format("%s: expected sessionId to be a non-empty string or nil, got %s", fname,
+      describe(sid)), 3)
+  end
+  if not self._started then
+    error(format("%s: the runtime is not started (call runtime:start() first)", fname), 3)
+  end
+end
+
+local function session_of(state, sid)
+  if sid then return sid, true end
+  local m = state.metadata
+  if type(m) == "table" and type(m.sessionId) == "string" and m.sessionId ~= "" then
+    return m.sessionId, true
+  end
+  return nil, false
+end
+
+function QueueRuntime:executeAsync(name, state, sessionId)
+  check_exec_args(self, "executeAsync", name, state, sessionId)
+  local eid = executor.newExecutionId()
+  local sid, named = session_of(state, sessionId)
+  -- The caller may change its table once this returns.
+  local snapshot = statem.copy(state) or state
+  local h = setmetatable({ _rt = self, _waiters = {}, _result = false, executionId = eid }, Handle)
+  self._pending[eid] = name
+  -- Counted now: a stop() right after this call waits for it too.
+  self._top = self._top + 1
+  core.spawn(handle_body, "root", 0, 0, 1, h, { name, snapshot, sid or eid, named })
+  return h
+end
+
+function QueueRuntime:executeMany(name, states, sessionId)
+  if type(states) ~= "table" then
+    error("executeMany: expected a list of state tables, got " .. describe(states), 2)
+  end
+  for i, s in ipairs(states) do
+    if type(s) ~= "table" then
+      error(format("executeMany: expected states[%d] to be a state table, got %s", i, describe(s)), 2)
+    end
+  end
+  check_exec_args(self, "executeMany", name, {}, sessionId)
+  if not core.in_exec() then
+    error("executeMany: must be called inside an engine coroutine (am2z.run(fn), a processor, "
+      .. "or the main chunk of a script run by am2z-lua)", 2)
+  end
+  local hs = {}
+  for i, s in ipairs(states) do hs[i] = self:executeAsync(name, s, sessionId) end
+  local out = {}
+  for i, h in ipairs(hs) do
+    out[i] = h:wait()
+    if out[i].error and not h._result then
+      -- We were aborted: so is everything we started.
+      for k = i, #hs do
+        hs[k]:cancel()
+        out[k] = out[k] or out[i]
+      end
+      break
+    end
+  end
+  return out
+end
+
+local function is_idle(self)
+  return self._top == 0 and next(self._jobs) == nil
+end
+
+function QueueRuntime:_notifyIdle()
+  local x = self._idleWaiter
+  if x and is_idle(self) then
+    self._idleWaiter = nil
+    core.complete_host(x[1], x[2])
+  end
+end
+
+function QueueRuntime:_topDone()
+  LocalRuntime._topDone(self)
+  self:_notifyIdle()
+end
+
+-- Waits (in an engine coroutine) until nothing of this runtime runs or ms pass.
+local function wait_idle(self, ms)
+  if is_idle(self) or not core.in_exec() or ms <= 0 then return end
+  local me, token = (core.current()), newtoken()
+  self._idleWaiter = { me, token }
+  local watchdog = core.spawn(function(rt, x)
+    if core.sleep(x.ms) and rt._idleWaiter == x.w then
+      rt._idleWaiter = nil
+      core.complete_host(x.w[1], x.w[2])
+    end
+    return true, true
+  end, "watch", 0, 0, 1, self, { ms = ms, w = self._idleWaiter })
+  core.wait_host(token)
+  core.cancel(watchdog)
+  if self._idleWaiter and self._idleWaiter[2] == token then self._idleWaiter = nil end
+end
+
+--- Stops: new executions are refused; what runs here (top-level waits and
+--- jobs its workers took) may finish until the grace deadline, then is
+--- cancelled; then workers and connections close. Waits only inside an
+--- engine coroutine.
+function QueueRuntime:stop(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("stop: expected a table of options or nil, got " .. describe(opts), 2)
+  end
+  local grace = opts and opts.graceMs
+  if grace == nil then grace = 5000 end
+  if type(grace) ~= "number" or grace < 0 then
+    error("stop: expected graceMs to be a number >= 0, got " .. describe(grace), 2)
+  end
+  if not self._started and not self._conn and not self._connecting then return self end
+  self._started = false
+  if self._connecting and core.in_exec() then
+    -- Let the connect finish; it sees the runtime stopped and closes.
+    local token = newtoken()
+    self._readyWaiters = self._readyWaiters or {}
+    self._readyWaiters[#self._readyWaiters + 1] = { (core.current()), token }
+    core.wait_host(token)
+  end
+  wait_idle(self, grace)
+  -- The deadline: cancel what still runs here; whoever still waits on a
+  -- job gets a CancelledError result from the closing hub.
+  for eid, cid in pairs(self._active) do
+    self._cancelled[eid] = true
+    core.cancel(cid)
+  end
+  if self._hub then self._hub:close() end
+  self._hub = nil
+  -- Cancelled jobs still record their failure through their worker.
+  wait_idle(self, 2000)
+  self._ready = false
+  for name, w in pairs(self._workers) do
+    self._workers[name] = nil
+    w:close()
+  end
+  self._queues = {}
+  if self._conn then self._conn:close() end
+  self._conn = nil
+  -- The default state store's own connection reopens on next use.
+  local sm = self._stateManager
+  if self._ownState and sm.close then sm:close() end
+  return self
+end
+
+--- Stops and closes every connection, the state store's too.
+function QueueRuntime:disconnect()
+  self:stop({ graceMs = 0 })
+  local sm = self._stateManager
+  if sm and sm.close then sm:close() end
+  return self
+end
+
+--- Queue handles of the registered processors (name, getJobCounts, pause,
+--- resume, getJobs, ...), in processor name order.
+function QueueRuntime:getQueues()
+  local out = {}
+  for _, n in ipairs(self:getRegisteredProcessorNames()) do
+    local q = self._queues[n]
+    if q then out[#out + 1] = q end
+  end
+  return out
+end
+
+--- Empties every processor queue: waiting, delayed, completed and failed jobs.
+function QueueRuntime:cleanAllQueues()
+  for _, q in ipairs(self:getQueues()) do
+    q:drain(true)
+    q:clean(0, 100000, "completed")
+    q:clean(0, 100000, "failed")
+  end
+  return self
+end
+
+function QueueRuntime:getStats()
+  local s = LocalRuntime.getStats(self)
+  local qs = {}
+  if self._ready and core.in_exec() then
+    for _, q in ipairs(self:getQueues()) do
+      local ok, c = pcall(q.getJobCounts, q)
+      if ok and type(c) == "table" then qs[q.processorName] = c end
+    end
+  end
+  s.queueStats = qs
+  return s
+end
+
+-- ------------------------------------------------------------ factories
+
+--- QueueRuntime with defaults: redis options, runtime options, logger.
+function M.createQueueRuntimeWithDefaults(redisOpts, runtimeOpts, logger)
+  if redisOpts ~= nil and type(redisOpts) ~= "table" then
+    error("createQueueRuntimeWithDefaults: expected redis options (a table) or nil, got "
+      .. describe(redisOpts), 2)
+  end
+  if runtimeOpts ~= nil and type(runtimeOpts) ~= "table" then
+    error("createQueueRuntimeWithDefaults: expected runtime options (a table) or nil, got "
+      .. describe(runtimeOpts), 2)
+  end
+  return QueueRuntime.new({ redis = redisOpts, runtime = runtimeOpts, logger = logger })
+end
+
+function M.createQueueRuntime(config, logger)
+  if config ~= nil and type(config) ~= "table" then
+    error("createQueueRuntime: expected a config table, got " .. describe(config), 2)
+  end
+  local c = {}
+  for k, v in pairs(config or {}) do c[k] = v end
+  if logger ~= nil then c.logger = logger end
+  return QueueRuntime.new(c)
+end
+
+M._jsonNull = json_null
+return M
