@@ -28,10 +28,14 @@ end
 local REDIS_URL = redisUrl(arg or {})
 M.log = am2z.createLogger{ source = "example" }
 
---- The runtime the example runs on: the one line to switch.
+--- The runtime the example runs on: the one line to switch. With Redis,
+--- every process started with the same script and AM2Z_QUEUE_PREFIX shares
+--- the work.
 function M.createRuntime()
   if REDIS_URL then
-    io.stderr:write("QueueRuntime is not available yet; running on LocalRuntime\n")
+    io.stderr:write("running on QueueRuntime (" .. REDIS_URL .. ")\n")
+    return am2z.QueueRuntime.new{ redis = { url = REDIS_URL }, logger = M.log,
+      queuePrefix = os.getenv("AM2Z_QUEUE_PREFIX") or "am2z" }
   end
   return am2z.LocalRuntime.new{ logger = M.log }
 end
