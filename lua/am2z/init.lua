@@ -146,6 +146,8 @@ function am2z._onSignal(name)
         if not ok then io.stderr:write("am2z: closing a queue handle failed: ", tostring(e), "\n") end
       end
     end
+    -- Connections the script opened itself would keep the loop alive.
+    for c in pairs(am2z.redis._open) do pcall(c.close, c) end
     -- Then the script itself: its pending wait returns a CancelledError.
     core.cancel_main()
     return true

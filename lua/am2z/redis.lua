@@ -61,6 +61,10 @@ function M.parseUrl(url)
   return opts
 end
 
+-- Open connections, so that am2z-lua can close what a script left open
+-- after a SIGINT/SIGTERM and exit.
+M._open = setmetatable({}, { __mode = "k" })
+
 local Conn = {}
 Conn.__index = Conn
 
@@ -136,8 +140,10 @@ function M.connect(opts)
     core.redis_close(c)
     return nil, error_of(rcode, format("%s (%s:%d)", rmsg or rcode, o.host or "127.0.0.1", o.port or 6379))
   end
-  return setmetatable({ _c = c, _timeout = o.commandTimeout or DEFAULT_TIMEOUT,
-                        host = o.host or "127.0.0.1", port = o.port or 6379, db = o.db or 0 }, Conn)
+  local conn = setmetatable({ _c = c, _timeout = o.commandTimeout or DEFAULT_TIMEOUT,
+                              host = o.host or "127.0.0.1", port = o.port or 6379, db = o.db or 0 }, Conn)
+  M._open[conn] = true
+  return conn
 end
 
 --- Runs one command: reply, or nil + error (RedisError for a reply error,
@@ -163,6 +169,7 @@ end
 
 --- Closes the connection; calls still waiting fail with a NetworkError.
 function Conn:close()
+  M._open[self] = nil
   core.redis_close(self._c)
 end
 

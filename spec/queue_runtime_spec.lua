@@ -1,0 +1,555 @@
+--[[
+QueueRuntime across processes, crashes and Redis (issue 4). The behaviour
+shared with LocalRuntime is covered by runtime_spec, compose_spec and
+semantics_spec, which scripts/test.sh runs a second time against
+QueueRuntime; this file covers what only a distributed runtime has:
+
+- several am2z-lua worker processes running spec/fixtures/qr_app.lua share
+  the work of a producer-only process;
+- a chain whose worker is killed with kill -9 mid-step is recovered by
+  another process and completes, without running finished steps again;
+- cancellation and a parent's timeout reach a child running in another
+  process;
+- nesting at concurrency 1, the job data layout, bad input, RedisStateManager.
+
+Other processes are observed through files they write and through Redis,
+polled with a bound (there is no event across processes to wait on).
+]]
+
+local am2z = require("am2z")
+local core = require("am2z.core")
+local cjson = require("cjson")
+local errors = am2z.errors
+local P, Success, Failure = am2z.createProcessor, am2z.Success, am2z.Failure
+
+local URL = os.getenv("AM2Z_TEST_REDIS_URL")
+local MULT = tonumber(os.getenv("AM2Z_TEST_TIMEOUT_MULT")) or 1
+local AM2Z_LUA = os.getenv("AM2Z_BIN") or "./build/bin/am2z-lua"
+local APP = "spec/fixtures/qr_app.lua"
+local silent = am2z.createSilentLogger()
+
+local function run(fn, ms) return am2z.run(fn, { timeoutMs = (ms or 10000) * MULT }) end
+
+local tag
+do
+  local f = io.open("/dev/urandom", "rb")
+  local b = f and f:read(3) or tostring(math.random(1e6))
+  if f then f:close() end
+  tag = (b:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+local seq = 0
+local function fresh()
+  seq = seq + 1
+  return ("qr%s%d"):format(tag, seq)
+end
+
+local function file_exists(p)
+  local f = io.open(p)
+  if f then f:close() return true end
+  return false
+end
+
+-- Polls pred every 20 ms until it holds or ms pass (then raises).
+local function poll(pred, ms, what)
+  local deadline = am2z.now() + ms * MULT
+  while not pred() do
+    if am2z.now() > deadline then error("timed out waiting for " .. what, 2) end
+    if core.in_exec() then am2z.sleep(20) else os.execute("sleep 0.02") end
+  end
+end
+
+-- ------------------------------------------------------------ processes
+
+local procs = {}
+
+local function start_worker(prefix, dir)
+  local pidfile = os.tmpname()
+  local logfile = dir .. "/log-" .. (#procs + 1)
+  assert(os.execute(("%s %s %s %s worker %s > %s 2>&1 & echo $! > %s"):format(AM2Z_LUA, APP, URL, prefix,
+    dir, logfile, pidfile)))
+  local f = assert(io.open(pidfile))
+  local pid = tonumber(f:read("*a"))
+  f:close()
+  os.remove(pidfile)
+  local p = { pid = pid, log = logfile }
+  procs[#procs + 1] = p
+  poll(function() return file_exists(dir .. "/ready-" .. pid) end, 10000, "worker process " .. pid)
+  return p
+end
+
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  local st = f and f:read("*a") or ""
+  if f then f:close() end
+  local state = st:match("%) (%a)")
+  return state ~= nil and state ~= "Z"
+end
+
+local function stop_proc(p, sig)
+  os.execute(("kill -%s %d 2>/dev/null"):format(sig or "TERM", p.pid))
+  poll(function() return not alive(p.pid) end, 10000, "process " .. p.pid .. " to exit")
+end
+
+local function cleanup_procs()
+  for _, p in ipairs(procs) do
+    if alive(p.pid) then os.execute(("kill -9 %d 2>/dev/null"):format(p.pid)) end
+  end
+  procs = {}
+end
+
+local function tmpdir()
+  local p = io.popen("mktemp -d")
+  local d = p:read("*l")
+  p:close()
+  return d
+end
+
+local function producer(prefix, dir, opts)
+  opts = opts or {}
+  local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+    logger = silent, worker = { enabled = opts.worker or false, concurrency = opts.concurrency } }
+  rt:registerMany(loadfile(APP)(URL, prefix, "lib", dir))
+  return rt
+end
+
+local function connect()
+  return assert(am2z.redis.connect{ url = URL, logger = silent })
+end
+
+local function runs(R, prefix)
+  local arr = R:call("HGETALL", prefix .. ":runs")
+  local h = {}
+  for i = 1, #arr, 2 do h[arr[i]] = tonumber(arr[i + 1]) end
+  return h
+end
+
+describe("QueueRuntime", function()
+  if not URL then
+    it("needs the suite's redis-server", function() pending("AM2Z_TEST_REDIS_URL is not set") end)
+    return
+  end
+
+  after_each(cleanup_procs)
+
+  -------------------------------------------------------------- processes
+  describe("across processes", function()
+    it("two worker processes share the work of a producer-only process; every result comes back", function()
+      local prefix, dir = fresh(), tmpdir()
+      local w1 = start_worker(prefix, dir)
+      local w2 = start_worker(prefix, dir)
+      local rt = producer(prefix, dir)
+      run(function()
+        rt:start()
+        local states = {}
+        for i = 1, 40 do states[i] = { n = i } end
+        local rs = rt:executeMany("ch", states)
+        for i, r in ipairs(rs) do
+          assert.is_true(r.success, tostring(r.error))
+          assert.are.equal(i, r.state.n)
+          assert.are.same({ "s1", "s2", "s3" }, r.state.trail)
+        end
+        local R = connect()
+        local by = R:call("HGETALL", prefix .. ":by")
+        local per = {}
+        for i = 1, #by, 2 do per[by[i]] = tonumber(by[i + 1]) end
+        assert.is_true((per[tostring(w1.pid)] or 0) > 0, "worker 1 ran nothing: " .. cjson.encode(per))
+        assert.is_true((per[tostring(w2.pid)] or 0) > 0, "worker 2 ran nothing: " .. cjson.encode(per))
+        assert.are.same({ s1 = 40, s2 = 40, s3 = 40 }, runs(R, prefix))
+        -- this process ran nothing: it has no workers
+        assert.are.equal(0, rt:getStats().completedJobs)
+        R:close()
+        rt:stop()
+      end, 30000)
+      -- SIGTERM: a graceful stop, the process exits
+      stop_proc(w1, "TERM")
+      stop_proc(w2, "TERM")
+    end)
+
+    it("a chain whose worker is killed -9 mid-step is completed by another process; finished steps do not run again", function()
+      local prefix, dir = fresh(), tmpdir()
+      local a = start_worker(prefix, dir)
+      local rt = producer(prefix, dir)
+      local r, stc
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("ch", { crash = true })
+        poll(function() return file_exists(dir .. "/s2-running") end, 10000, "s2 to start")
+        stop_proc(a, "9")
+        start_worker(prefix, dir)
+        r = h:wait()
+        local R = connect()
+        assert.are.same({ s1 = 1, s2 = 2, s3 = 1 }, runs(R, prefix))
+        stc = tonumber(R:call("HGET", "bull:" .. prefix .. "_ch:" .. h.executionId, "stc"))
+        R:close()
+        rt:stop()
+      end, 30000)
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.same({ "s1", "s2", "s3" }, r.state.trail)
+      assert.are.equal(1, stc, "the chain's job was recovered once")
+    end)
+
+    it("runtime:cancel reaches the parent and the child it waits for, in another process", function()
+      local prefix, dir = fresh(), tmpdir()
+      start_worker(prefix, dir)
+      local rt = producer(prefix, dir)
+      local r, aborted
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("outer", {})
+        poll(function() return file_exists(dir .. "/slow-running") end, 10000, "the child to start")
+        assert.is_true(rt:cancel(h.executionId))
+        r = h:wait()
+        local R = connect()
+        poll(function() return R:call("GET", prefix .. ":slow-aborted") ~= nil end, 5000, "the child to be aborted")
+        aborted = R:call("GET", prefix .. ":slow-aborted")
+        R:close()
+        rt:stop()
+      end, 20000)
+      assert.is_false(r.success)
+      assert.is_true(errors.is(r.error, errors.CancelledError), tostring(r.error))
+      assert.are.equal("CancelledError", aborted)
+    end)
+
+    it("a parent's timeout fails it with TimeoutError and aborts its child in another process", function()
+      local prefix, dir = fresh(), tmpdir()
+      start_worker(prefix, dir)
+      local rt = producer(prefix, dir)
+      local r, aborted, t0, elapsed
+      run(function()
+        rt:start()
+        t0 = am2z.now()
+        r = rt:execute("outer_t", {})
+        elapsed = am2z.now() - t0
+        local R = connect()
+        poll(function() return R:call("GET", prefix .. ":slow-aborted") ~= nil end, 5000, "the child to be aborted")
+        aborted = R:call("GET", prefix .. ":slow-aborted")
+        R:close()
+        rt:stop()
+      end, 20000)
+      assert.is_false(r.success)
+      assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
+      assert.is_true(elapsed >= 500, "failed after " .. elapsed .. " ms")
+      assert.are.equal("CancelledError", aborted)
+    end)
+  end)
+
+  -------------------------------------------------------------- nesting
+  describe("nesting", function()
+    local rt
+    after_each(function()
+      if rt then run(function() rt:stop{ graceMs = 1000 } end) end
+      rt = nil
+    end)
+
+    local function new_rt(conc, depth)
+      rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent, worker = { concurrency = conc }, runtime = { maxCallDepth = depth } }
+      return rt
+    end
+
+    it("a processor calling itself 10 deep completes with worker concurrency 1", function()
+      new_rt(1, 15)
+      rt:register(P("rec"):process(function(s, ctx)
+        if s.d < 10 then
+          local r = ctx:call("rec", { d = s.d + 1 })
+          if not r.success then return Failure(r.error) end
+          s.deepest = r.state.deepest
+        else
+          s.deepest = ctx.callDepth
+        end
+        return Success(s)
+      end))
+      local r
+      run(function()
+        rt:start()
+        r = rt:execute("rec", { d = 0 })
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.equal(10, r.state.deepest)
+    end)
+
+    it("chains nested in chains 10 deep complete at concurrency 1, in order", function()
+      new_rt(1, 15)
+      local leaf = P("leaf"):process(function(s) s.n = s.n + 1 return Success(s) end)
+      local def = leaf
+      for i = 1, 10 do
+        def = am2z.chainProcessors{ name = "c" .. i, processors = { def, leaf } }
+      end
+      rt:register(def)
+      local r
+      run(function()
+        rt:start()
+        r = rt:execute("c10", { n = 0 })
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.equal(11, r.state.n)
+    end)
+
+    it("a parallel fan-out of 8 children runs at concurrency 1 without deadlock", function()
+      new_rt(1, 10)
+      local kids = {}
+      for i = 1, 8 do
+        kids[i] = P("k" .. i):process(function(s) s["k" .. i] = true return Success(s) end)
+      end
+      rt:register(am2z.parallelProcessors{ name = "fan", processors = kids })
+      local r
+      run(function()
+        rt:start()
+        r = rt:execute("fan", {})
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      for i = 1, 8 do assert.is_true(r.state["k" .. i]) end
+    end)
+  end)
+
+  -------------------------------------------------------------- layout
+  describe("jobs in Redis", function()
+    it("one queue per processor; job id = execution id; data and return value as ARCHITECTURE.md says", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      local seen = {}
+      local a = P("a"):process(function(s, ctx)
+        seen.id = ctx.meta.executionId
+        s.a = true
+        return Success(s)
+      end)
+      rt:register(am2z.chainProcessors{ name = "top", processors = { a } })
+      run(function()
+        rt:start()
+        local r = rt:execute("top", { x = 1 }, "sess-layout-" .. prefix)
+        assert.is_true(r.success)
+        local eid = r.metadata.executionId
+        assert.are.equal(eid .. ".1", seen.id)
+        assert.is_nil(eid:find(":", 1, true))
+        local names = {}
+        for _, q in ipairs(rt:getQueues()) do names[#names + 1] = q.name end
+        assert.are.same({ prefix .. "_a", prefix .. "_top" }, names)
+        local R = connect()
+        local h = {}
+        local arr = R:call("HGETALL", "bull:" .. prefix .. "_top:" .. eid)
+        for i = 1, #arr, 2 do h[arr[i]] = arr[i + 1] end
+        assert.are.equal("top", h.name)
+        local data = cjson.decode(h.data)
+        assert.are.equal("top", data.processorName)
+        assert.are.equal(1, data.state.x)
+        assert.are.equal("sess-layout-" .. prefix, data.sessionId)
+        assert.are.equal(eid, data.executionId)
+        assert.are.equal(0, data.callContext.depth)
+        local rv = cjson.decode(h.returnvalue)
+        assert.is_true(rv.success)
+        assert.is_true(rv.state.a)
+        assert.is_number(rv.executionTime)
+        assert.are.equal(eid, rv.metadata.executionId)
+        -- the child was kept while its parent ran, and removed once it ended
+        assert.are.equal(0, R:call("EXISTS", "bull:" .. prefix .. "_a:" .. eid .. ".1"))
+        local st = rt:getStats()
+        assert.are.equal(1, st.queueStats.top.completed)
+        assert.are.equal(0, st.queueStats.a.completed)
+        -- the session's state, through the default RedisStateManager
+        local s = rt:getState("sess-layout-" .. prefix)
+        assert.is_true(s.state.a)
+        assert.are.equal(1, s.version)
+        rt:cleanAllQueues()
+        assert.are.equal(0, rt:getStats().queueStats.top.completed)
+        R:close()
+        rt:stop()
+      end)
+    end)
+
+    it("a failed execution's error comes back as the same class with its fields", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local Quota = errors.define{ name = "QrQuotaError", code = "QR_QUOTA", category = "business",
+        retryable = false }
+      rt:register(P("q"):process(function(s)
+        local e = Quota("over quota", { limit = 3 })
+        return Failure(e)
+      end))
+      rt:register(am2z.chainProcessors{ name = "qc", processors = { rt._processors.q } })
+      run(function()
+        rt:start()
+        local r = rt:execute("q", { v = 1 })
+        assert.is_false(r.success)
+        assert.is_true(errors.is(r.error, Quota))
+        assert.are.equal("QR_QUOTA", r.error.code)
+        assert.are.equal(3, r.error.details.limit)
+        assert.are.same({ v = 1 }, r.state)
+        -- through a chain: wrapped, with the cause still of its class
+        r = rt:execute("qc", { v = 1 })
+        assert.is_true(errors.is(r.error, errors.ProcessorExecutionError))
+        assert.is_true(errors.is(r.error.cause, Quota))
+        assert.are.equal("q", r.error.details.failedProcessor)
+        rt:stop()
+      end)
+    end)
+  end)
+
+  -------------------------------------------------------------- bad input
+  describe("bad input", function()
+    it("a state that is not JSON fails with the path, and nothing is enqueued", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      rt:register(P("p"):process(function(s) return Success(s) end))
+      run(function()
+        rt:start()
+        local r = rt:execute("p", { items = { { price = function() end } } })
+        assert.is_true(errors.is(r.error, errors.ValidationError), tostring(r.error))
+        assert.matches("items[1].price", r.error.message, 1, true)
+        local c = rt:getQueues()[1]:getJobCounts()
+        assert.are.equal(0, c.waiting + c.active + c.completed + c.failed)
+        rt:stop()
+      end)
+    end)
+
+    it("Redis unreachable: NetworkError results within the connect timeout, never a hang", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = "redis://127.0.0.1:1", connectTimeout = 500,
+        logger = silent }, queuePrefix = fresh(), logger = silent }
+      rt:register(P("p"):process(function(s) return Success(s) end))
+      local r, r2, elapsed
+      run(function()
+        local t0 = am2z.now()
+        rt:start()
+        r = rt:execute("p", {})
+        r2 = rt:execute("p", {})
+        elapsed = am2z.now() - t0
+        rt:stop()
+      end)
+      assert.is_true(errors.is(r.error, errors.NetworkError), tostring(r.error))
+      assert.is_true(errors.is(r2.error, errors.NetworkError), tostring(r2.error))
+      assert.matches("127.0.0.1:1", r.error.message, 1, true)
+      assert.is_true(elapsed < 3000 * MULT, "took " .. elapsed .. " ms")
+    end)
+
+    it("a malformed job written by another producer fails alone; the next execution works", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      rt:register(P("p"):process(function(s) s.ok = true return Success(s) end))
+      run(function()
+        rt:start()
+        assert.is_true(rt:execute("p", {}).success)
+        local q = am2z.queue.Queue.new(prefix .. "_p", { connection = { url = URL, logger = silent } })
+        local ev = am2z.queue.QueueEvents.new(prefix .. "_p", { connection = { url = URL, logger = silent } })
+        ev:waitUntilReady()
+        local job = q:add("p", { hello = "world" })
+        local v, err = job:waitUntilFinished(ev, 5000 * MULT)
+        assert.is_nil(v)
+        assert.matches("not an am2z job", tostring(err), 1, true)
+        local r = rt:execute("p", { again = true })
+        assert.is_true(r.success, tostring(r.error))
+        ev:close()
+        q:close()
+        rt:stop()
+      end)
+    end)
+
+    it("misuse raises with a message naming the option", function()
+      local function raised(fn)
+        local ok, e = pcall(fn)
+        assert.is_false(ok)
+        return tostring(e)
+      end
+      assert.matches("unknown option", raised(function() am2z.QueueRuntime.new{ bogus = 1 } end), 1, true)
+      assert.matches("queuePrefix", raised(function() am2z.QueueRuntime.new{ queuePrefix = "a:b" } end), 1, true)
+      assert.matches("worker.concurrency",
+        raised(function() am2z.QueueRuntime.new{ worker = { concurrency = 0 } } end), 1, true)
+      assert.matches("executeInSession",
+        raised(function() am2z.QueueRuntime.new{}:executeInSession("p", {}, 5) end), 1, true)
+    end)
+  end)
+
+  -------------------------------------------------------------- state
+  describe("RedisStateManager", function()
+    local function sm()
+      return am2z.RedisStateManager.new({ url = URL, logger = silent }, "qrstate:" .. fresh())
+    end
+
+    it("set/get/exists/getVersion/delete; get returns a fresh copy", function()
+      local m = sm()
+      run(function()
+        assert.is_nil(m:get("s"))
+        assert.is_false(m:exists("s"))
+        assert.are.equal(1, m:set("s", { b = 2, a = { 1, 2 } }))
+        assert.are.equal(2, m:set("s", { b = 3 }))
+        local g = m:get("s")
+        assert.are.same({ state = { b = 3 }, version = 2 }, g)
+        g.state.b = 99
+        assert.are.equal(3, m:get("s").state.b)
+        assert.is_true(m:exists("s"))
+        assert.are.equal(2, m:getVersion("s"))
+        assert.is_true(m:delete("s"))
+        assert.is_nil(m:get("s"))
+        m:close()
+      end)
+    end)
+
+    it("a commit replayed under the same execution id does not bump the version again", function()
+      local m = sm()
+      run(function()
+        assert.are.equal(1, m:set("s", { v = 1 }, "exec-1"))
+        assert.are.equal(1, m:set("s", { v = 1 }, "exec-1"))
+        assert.are.equal(2, m:set("s", { v = 2 }, "exec-2"))
+        assert.are.equal(2, m:getVersion("s"))
+        m:close()
+      end)
+    end)
+
+    it("update is a compare-and-set: 10 concurrent increments from two connections all count", function()
+      local m1 = sm()
+      local m2 = am2z.RedisStateManager.new({ url = URL, logger = silent }, m1._prefix)
+      local errs = {}
+      run(function()
+        m1:set("c", { n = 0 })
+        m2:get("c")                 -- both connected before the race
+        local left = 10
+        local waiter
+        for i = 1, 10 do
+          local m = i % 2 == 0 and m1 or m2
+          core.spawn(function()
+            local ok, e = pcall(m.update, m, "c", function(s)
+              am2z.sleep(1)         -- let the other writers interleave
+              s.n = s.n + 1
+              return s
+            end)
+            if not ok then errs[#errs + 1] = tostring(e) end
+            left = left - 1
+            if left == 0 and waiter then core.complete_host(waiter, 0x7777) end
+            return true
+          end, "root", 0, 0, 1)
+        end
+        waiter = core.current()
+        core.wait_host(0x7777)
+        local g = m1:get("c")
+        assert.are.same({}, errs)
+        assert.are.equal(10, g.state.n)
+        assert.are.equal(11, g.version)
+        m1:close()
+        m2:close()
+      end, 20000)
+    end)
+
+    it("a stored state that does not match its hash is an integrity error", function()
+      local m = sm()
+      run(function()
+        m:set("s", { v = 1 })
+        local R = connect()
+        R:call("HSET", m._prefix .. ":s", "state", '{"v":2}')
+        local ok, e = pcall(m.get, m, "s")
+        assert.is_false(ok)
+        assert.are.equal("StateIntegrityError", e.name)
+        assert.matches("does not match its hash", e.message, 1, true)
+        R:close()
+        m:close()
+      end)
+    end)
+
+    it("the hash is SHA-256 over canonical JSON (sorted keys): equal states, equal hashes", function()
+      local rs = require("am2z.redis_state")
+      assert.are.equal('{"a":[1,2],"b":{"c":true,"d":"x"}}',
+        rs.canonicalJSON({ b = { d = "x", c = true }, a = { 1, 2 } }))
+      assert.are.equal(rs.stateHash({ x = 1, y = 2 }), rs.stateHash({ y = 2, x = 1 }))
+      assert.are.equal("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", core.sha256("abc"))
+    end)
+  end)
+end)
