@@ -23,7 +23,7 @@ script with --worker, worker.concurrency 50 each) and a producer-only
 runtime (worker.enabled = false) here:
   * throughput: 2,000 chains in flight, in rounds (3; --quick 1).
 
-Every phase runs under a deadline; when it passes, the phase prints what it
+Every phase runs under a deadline (at least 60 s, --phase-limit-ms); when it passes, the phase prints what it
 saw (chains finished, queue counts) and the script exits 3 after printing the
 results it has.
 
@@ -43,7 +43,7 @@ io.stdout:setvbuf("line")
 local opt = {
   quick = false, worker = false, multi = true,
   url = os.getenv("AM2Z_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/0",
-  prefix = nil, stop_file = nil, concurrency = 50, limit_ms = 120000,
+  prefix = nil, stop_file = nil, concurrency = 50, limit_ms = 120000, phase_limit_ms = 60000,
   seq = nil, batch = 2000, rounds = nil, multi_rounds = nil,
 }
 do
@@ -63,6 +63,7 @@ do
     elseif a == "--stop-file" then opt.stop_file = val()
     elseif a == "--concurrency" then opt.concurrency = tonumber(val())
     elseif a == "--limit-ms" then opt.limit_ms = tonumber(val())
+    elseif a == "--phase-limit-ms" then opt.phase_limit_ms = tonumber(val())
     elseif a == "--seq" then opt.seq = tonumber(val())
     elseif a == "--batch" then opt.batch = tonumber(val())
     elseif a == "--rounds" then opt.rounds = tonumber(val())
@@ -176,14 +177,24 @@ local function queue_counts(rt)
   return table.concat(parts, " ")
 end
 
--- Runs fn() under a deadline. When the deadline passes first: prints
--- `describe()`, the results so far, and exits 3 (a hung wait cannot be
--- resumed from here, and the next phase would only pile up on it).
-local function with_deadline(ms, what, describe, fn)
+-- Runs fn() under a deadline (at least --phase-limit-ms). When the deadline
+-- passes first: prints `describe()` (progress, no Redis), the results so
+-- far, the queue counts (given 3 s: Redis itself may be what hangs), and
+-- exits 3 (a hung wait cannot be resumed from here, and the next phase
+-- would only pile up on it).
+local function with_deadline(ms, what, describe, rt, fn)
+  ms = math.max(ms, opt.phase_limit_ms)
   local timer = core.spawn(function()
     if core.sleep(ms) then
-      print(string.format("am2z-lua  TIMEOUT: %s did not finish in %.0f s; %s", what, ms / 1000, describe()))
+      print(string.format("am2z-lua  TIMEOUT: %s did not finish in %.1f s; %s", what, ms / 1000, describe()))
       flush_results()
+      io.stdout:flush()
+      core.spawn(function()
+        core.sleep(3000)
+        print("am2z-lua  (queue counts: no answer in 3 s)")
+        os.exit(3)
+      end, "root", 0, 0, 1)
+      print("am2z-lua  queue counts: " .. queue_counts(rt))
       io.stdout:flush()
       os.exit(3)
     end
@@ -209,8 +220,8 @@ local function pct(sorted, p) return sorted[math.max(1, math.ceil(#sorted * p))]
 -- n chains one after another with rt:execute.
 local function sequential(rt, label, n, key)
   local lat, bad, done = {}, { count = 0 }, 0
-  with_deadline(math.max(60000, n * 50), label .. " sequential",
-    function() return string.format("%d of %d chains done; %s", done, n, queue_counts(rt)) end,
+  with_deadline(n * 50, label .. " sequential",
+    function() return string.format("%d of %d chains done", done, n) end, rt,
     function()
       for i = 1, n do
         local t0 = now()
@@ -240,8 +251,8 @@ end
 local function batch(rt, label, n, base)
   local bad, done = { count = 0 }, 0
   local elapsed
-  with_deadline(math.max(60000, n * 30), string.format("%s batch of %d", label, n),
-    function() return string.format("%d of %d chains done; %s", done, n, queue_counts(rt)) end,
+  with_deadline(n * 30, string.format("%s batch of %d", label, n),
+    function() return string.format("%d of %d chains done", done, n) end, rt,
     function()
       local t0 = now()
       local hs = {}
@@ -255,8 +266,26 @@ local function batch(rt, label, n, base)
   return elapsed, bad
 end
 
-local function throughput(rt, label, rounds, key)
+-- Redis's own counters (main-thread CPU seconds, commands processed), read
+-- with INFO on a connection of this script's; nil when unavailable.
+local info_conn
+local function redis_counters()
+  if not info_conn then
+    local c = am2z.redis.connect{ url = opt.url, logger = silent, name = "am2z:bench-info" }
+    if not c then return nil end
+    info_conn = c
+  end
+  local s = info_conn:call("INFO", "all")
+  if type(s) ~= "string" then return nil end
+  local function num(k) return tonumber(s:match(k .. ":([%d%.]+)")) end
+  local u, sy = num("used_cpu_user_main_thread") or num("used_cpu_user"),
+    num("used_cpu_sys_main_thread") or num("used_cpu_sys")
+  return { cpu = (u or 0) + (sy or 0), cmds = num("total_commands_processed") or 0 }
+end
+
+local function throughput(rt, label, rounds, key, own_cpu)
   local total_ms, total_bad, per, first = 0, 0, {}, nil
+  local r0, c0 = redis_counters(), os.clock()
   for k = 1, rounds do
     local ms, bad = batch(rt, label, BATCH, k * 1000000)
     total_ms = total_ms + ms
@@ -264,7 +293,18 @@ local function throughput(rt, label, rounds, key)
     first = first or bad.first
     per[#per + 1] = BATCH * 1000 / ms
   end
+  local r1, c1 = redis_counters(), os.clock()
   local rate = rounds * BATCH * 1000 / total_ms
+  local n = rounds * BATCH
+  local cost
+  if r0 and r1 then
+    local cpu = own_cpu and string.format("; this process %.0f us CPU per chain", (c1 - c0) * 1e6 / n) or ""
+    cost = (string.format("am2z-lua  %s: per chain, over these rounds: redis-server %.0f us CPU (main thread), "
+      .. "%.1f commands%s", label, (r1.cpu - r0.cpu) * 1e6 / n, (r1.cmds - r0.cmds) / n, cpu))
+    result(key .. "_redis_us", string.format("%.1f", (r1.cpu - r0.cpu) * 1e6 / n))
+    result(key .. "_redis_cmds", string.format("%.1f", (r1.cmds - r0.cmds) / n))
+    if own_cpu then result(key .. "_proc_us", string.format("%.1f", (c1 - c0) * 1e6 / n)) end
+  end
   local sorted = {}
   for i, v in ipairs(per) do sorted[i] = v end
   table.sort(sorted)
@@ -273,6 +313,7 @@ local function throughput(rt, label, rounds, key)
   print(string.format("am2z-lua  %s: throughput, %d chains in flight x %d rounds: %.0f chains/s (%.0f jobs/s "
     .. "at 4 jobs per chain; rounds %s chains/s; %d failed or wrong%s)", label, BATCH, rounds, rate, rate * 4,
     table.concat(rs, ", "), total_bad, first and ("; first: " .. first) or ""))
+  if cost then print(cost) end
   result(key .. "_chains_s", string.format("%.1f", rate))
   result(key .. "_best_chains_s", string.format("%.1f", sorted[#sorted]))
   result(key .. "_worst_chains_s", string.format("%.1f", sorted[1]))
@@ -291,7 +332,7 @@ local function single_process()
   sequential(rt, "1 process", WARMUP_SEQ, nil)
   sequential(rt, "1 process", N_SEQ, "seq")
   batch(rt, "1 process warm-up", WARMUP_BATCH, 0)
-  throughput(rt, "1 process", ROUNDS, "tp")
+  throughput(rt, "1 process", ROUNDS, "tp", true)
   local t1 = now()
   rt:stop()
   print(string.format("am2z-lua  1 process: rt:stop() took %.1f ms; peak RSS (VmHWM) %.1f MiB", now() - t1,
@@ -373,6 +414,7 @@ local ok, err = xpcall(function()
   single_process()
   if opt.multi then multi_process() end
 end, function(e) return debug.traceback(tostring(e), 2) end)
+if info_conn then info_conn:close() end
 flush_results()
 if not ok then
   io.stderr:write("bench/runtime.lua: ", tostring(err), "\n")

@@ -98,11 +98,11 @@ awk '
   function row(label, akey, bkey, fmtv, better,   a, b, r) {
     a = get(1, akey); b = get(2, bkey)
     r = (a != "" && b != "" && b + 0 != 0) ? sprintf("%.2fx", a / b) : "-"
-    printf "%-58s %10s %10s %8s  %s\n", label, (a == "" ? "-" : sprintf(fmtv, a)), \
+    printf "%-62s %10s %10s %8s  %s\n", label, (a == "" ? "-" : sprintf(fmtv, a)), \
       (b == "" ? "-" : sprintf(fmtv, b)), r, better
   }
   END {
-    printf "%-58s %10s %10s %8s\n", "3-step chain, worker concurrency 50", "am2z-lua", "BullMQ", "ratio"
+    printf "%-62s %10s %10s %8s\n", "3-step chain, worker concurrency 50", "am2z-lua", "BullMQ", "ratio"
     print  "-- BullMQ = FlowProducer flow (step3 <- step2 <- step1)"
     row("sequential latency p50 (ms)", "seq_p50_ms", "flow_seq_p50_ms", "%.3f", "lower is better")
     row("sequential latency p99 (ms)", "seq_p99_ms", "flow_seq_p99_ms", "%.3f", "lower is better")
@@ -112,6 +112,13 @@ awk '
     row("sequential latency p50 (ms)", "seq_p50_ms", "steps_seq_p50_ms", "%.3f", "lower is better")
     row("sequential latency p99 (ms)", "seq_p99_ms", "steps_seq_p99_ms", "%.3f", "lower is better")
     row("throughput, 2,000 in flight, 1 process (chains/s)", "tp_chains_s", "steps_tp_chains_s", "%.0f", "higher is better")
+    print  "-- cost per chain during the 1-process throughput rounds (ratio vs FlowProducer, then vs step-by-step)"
+    row("redis-server CPU per chain (us), vs flow", "tp_redis_us", "flow_tp_redis_us", "%.0f", "lower is better")
+    row("redis-server CPU per chain (us), vs step-by-step", "tp_redis_us", "steps_tp_redis_us", "%.0f", "lower is better")
+    row("redis commands per chain, vs flow", "tp_redis_cmds", "flow_tp_redis_cmds", "%.1f", "lower is better")
+    row("redis commands per chain, vs step-by-step", "tp_redis_cmds", "steps_tp_redis_cmds", "%.1f", "lower is better")
+    row("am2z-lua / node process CPU per chain (us), vs flow", "tp_proc_us", "flow_tp_proc_us", "%.0f", "lower is better")
+    row("am2z-lua / node process CPU per chain (us), vs step-by-step", "tp_proc_us", "steps_tp_proc_us", "%.0f", "lower is better")
     print  "--"
     row("peak RSS of the 1-process run (MiB)", "rss_mib", "rss_mib", "%.1f", "lower is better")
     a = get(1, "tp_chains_s"); b = get(2, "flow_tp_chains_s")

@@ -33,7 +33,7 @@ const fs = require('node:fs');
 
 const opt = { quick: false, worker: false, multi: true,
   url: process.env.AM2Z_BENCH_REDIS_URL || 'redis://127.0.0.1:6379/0',
-  base: null, mode: 'flow', concurrency: 50, seq: null, batch: 2000, rounds: null, multiRounds: null };
+  base: null, mode: 'flow', concurrency: 50, phaseLimitMs: 60000, seq: null, batch: 2000, rounds: null, multiRounds: null };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const val = () => {
@@ -48,6 +48,7 @@ for (let i = 2; i < process.argv.length; i++) {
   else if (a === '--mode') opt.mode = val();
   else if (a === '--concurrency') opt.concurrency = Number(val());
   else if (a === '--seq') opt.seq = Number(val());
+  else if (a === '--phase-limit-ms') opt.phaseLimitMs = Number(val());
   else if (a === '--batch') opt.batch = Number(val());
   else if (a === '--rounds') opt.rounds = Number(val());
   else if (a === '--multi-rounds') opt.multiRounds = Number(val());
@@ -199,17 +200,25 @@ async function producer(base, mode) {
 
 class Timeout extends Error {}
 
-// Resolves to p, or rejects with Timeout (message from describe()) after ms.
-function deadline(p, ms, describe) {
+// Resolves to p, or after ms rejects with Timeout: progress() and the queue
+// counts (given 3 s: Redis itself may be what hangs).
+function deadline(p, ms, progress, pr) {
   let t;
   return Promise.race([p, new Promise((_, reject) => {
     t = setTimeout(async () => {
-      let d = '';
-      try { d = await describe(); } catch (e) { d = `(${e.message})`; }
-      reject(new Timeout(d));
+      const d = `did not finish in ${fmt(ms / 1000, 1)} s; ${progress()}`;
+      let c;
+      let t3;
+      const limit = new Promise((resolve) => { t3 = setTimeout(() => resolve('no answer in 3 s'), 3000); });
+      try { c = await Promise.race([pr.counts(), limit]); } catch (e) { c = `(${e.message})`; }
+      clearTimeout(t3);
+      reject(new Timeout(`${d}; queue counts: ${c}`));
     }, ms);
   })]).finally(() => clearTimeout(t));
 }
+
+// A phase's deadline: at least --phase-limit-ms (60 s).
+function phaseLimit(ms) { return Math.max(ms, opt.phaseLimitMs); }
 
 function check(v, n, bad) {
   let s;
@@ -238,8 +247,7 @@ async function sequential(pr, label, n, tag, key, result) {
       done = i;
     }
   };
-  await deadline(run(), Math.max(60000, n * 50),
-    async () => `${label} sequential: ${done} of ${n} chains done; ${await pr.counts()}`);
+  await deadline(run(), phaseLimit(n * 50), () => `${label} sequential: ${done} of ${n} chains done`, pr);
   if (!key) return;
   lat.sort((a, b) => a - b);
   const mean = lat.reduce((a, b) => a + b, 0) / lat.length;
@@ -269,12 +277,30 @@ async function batch(pr, label, n, tag) {
     await Promise.all(adds);
     await Promise.all(waits);
   };
-  await deadline(run(), Math.max(60000, n * 30),
-    async () => `${label} batch of ${n}: ${done} of ${n} chains done; ${await pr.counts()}`);
+  await deadline(run(), phaseLimit(n * 30), () => `${label} batch of ${n}: ${done} of ${n} chains done`, pr);
   return { ms: now() - t0, bad };
 }
 
-async function throughput(pr, label, rounds, tag, key, result) {
+// Redis's own counters (main-thread CPU seconds, commands processed), from
+// INFO on a connection of this script's; null when unavailable.
+let infoConn = null;
+async function redisCounters() {
+  try {
+    if (!infoConn) {
+      const IORedis = require('ioredis');
+      infoConn = new IORedis({ ...connection, lazyConnect: false, maxRetriesPerRequest: 1 });
+    }
+    const s = await infoConn.info('all');
+    const num = (k) => { const m = s.match(new RegExp(`${k}:([\\d.]+)`)); return m ? Number(m[1]) : null; };
+    const u = num('used_cpu_user_main_thread') ?? num('used_cpu_user');
+    const sy = num('used_cpu_sys_main_thread') ?? num('used_cpu_sys');
+    return { cpu: (u || 0) + (sy || 0), cmds: num('total_commands_processed') || 0 };
+  } catch (e) { return null; }
+}
+
+async function throughput(pr, label, rounds, tag, key, result, ownCpu) {
+  const r0 = await redisCounters();
+  const c0 = process.cpuUsage();
   let totalMs = 0;
   let totalBad = 0;
   let first = null;
@@ -286,11 +312,24 @@ async function throughput(pr, label, rounds, tag, key, result) {
     first = first || bad.first;
     per.push(BATCH * 1000 / ms);
   }
+  const c1 = process.cpuUsage(c0);
+  const r1 = await redisCounters();
   const rate = rounds * BATCH * 1000 / totalMs;
+  const n = rounds * BATCH;
+  let cost = null;
+  if (r0 && r1) {
+    const cpu = ownCpu ? `; this process ${fmt((c1.user + c1.system) / n, 0)} us CPU per chain` : '';
+    cost = (`bullmq    ${label}: per chain, over these rounds: redis-server ${fmt((r1.cpu - r0.cpu) * 1e6 / n, 0)} us ` +
+      `CPU (main thread), ${fmt((r1.cmds - r0.cmds) / n, 1)} commands${cpu}`);
+    result(`${key}_redis_us`, fmt((r1.cpu - r0.cpu) * 1e6 / n, 1));
+    result(`${key}_redis_cmds`, fmt((r1.cmds - r0.cmds) / n, 1));
+    if (ownCpu) result(`${key}_proc_us`, fmt((c1.user + c1.system) / n, 1));
+  }
   const sorted = [...per].sort((a, b) => a - b);
   console.log(`bullmq    ${label}: throughput, ${BATCH} chains in flight x ${rounds} rounds: ${fmt(rate, 0)} chains/s ` +
     `(${fmt(rate * 3, 0)} jobs/s at 3 jobs per chain; rounds ${per.map((x) => fmt(x, 0)).join(', ')} chains/s; ` +
     `${totalBad} failed or wrong${first ? '; first: ' + first : ''})`);
+  if (cost) console.log(cost);
   result(`${key}_chains_s`, fmt(rate, 1));
   result(`${key}_best_chains_s`, fmt(sorted[sorted.length - 1], 1));
   result(`${key}_worst_chains_s`, fmt(sorted[0], 1));
@@ -306,7 +345,7 @@ async function oneProcess(runId, mode, label, keyp, result) {
     await sequential(pr, label, WARMUP_SEQ, 'w', null, result);
     await sequential(pr, label, N_SEQ, 's', `${keyp}seq`, result);
     await batch(pr, `${label} warm-up`, WARMUP_BATCH, 'wb');
-    await throughput(pr, label, ROUNDS, 'r', `${keyp}tp`, result);
+    await throughput(pr, label, ROUNDS, 'r', `${keyp}tp`, result, true);
     if (ws.failed()) console.log(`bullmq    ${label}: ${ws.failed()} failed jobs; first: ${ws.firstError()}`);
   } finally {
     await pr.close();
@@ -373,6 +412,7 @@ async function main() {
       break; // what hung may still run against the same redis-server; later parts would measure that
     }
   }
+  if (infoConn) infoConn.disconnect();
   result('rss_mib', fmt(statusKiB('VmHWM') / 1024, 1));
   console.log(`bullmq    process peak RSS (VmHWM, producer + 1-process workers): ${fmt(statusKiB('VmHWM') / 1024, 1)} MiB`);
   for (const [k, v] of results) console.log(`RESULT ${k} ${v}`);

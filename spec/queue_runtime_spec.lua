@@ -285,6 +285,25 @@ describe("QueueRuntime", function()
       assert.are.equal(11, r.state.n)
     end)
 
+    it("withQueueConfig{ concurrency } bounds that processor's jobs running at once", function()
+      new_rt(10, 10)
+      local now_running, max_running = 0, 0
+      rt:register(P("c2"):withQueueConfig{ concurrency = 2 }:process(function(s, ctx)
+        now_running = now_running + 1
+        if now_running > max_running then max_running = now_running end
+        ctx:sleep(30)
+        now_running = now_running - 1
+        return Success(s)
+      end))
+      local rs
+      run(function()
+        rt:start()
+        rs = rt:executeMany("c2", { {}, {}, {}, {}, {}, {} })
+      end)
+      for _, r in ipairs(rs) do assert.is_true(r.success, tostring(r.error)) end
+      assert.are.equal(2, max_running)
+    end)
+
     it("a parallel fan-out of 8 children runs at concurrency 1 without deadlock", function()
       new_rt(1, 10)
       local kids = {}
@@ -419,6 +438,50 @@ describe("QueueRuntime", function()
       assert.is_true(errors.is(r2.error, errors.NetworkError), tostring(r2.error))
       assert.matches("127.0.0.1:1", r.error.message, 1, true)
       assert.is_true(elapsed < 3000 * MULT, "took " .. elapsed .. " ms")
+    end)
+
+    it("Redis killed while an execution waits: a NetworkError result after the command timeout", function()
+      -- a redis-server of this test's own, to kill
+      local port
+      for _ = 1, 20 do
+        port = 20000 + math.random(0, 20000)
+        if not os.execute(("(exec 3<>/dev/tcp/127.0.0.1/%d) 2>/dev/null"):format(port)) then break end
+      end
+      local dir = tmpdir()
+      local pidfile = dir .. "/redis.pid"
+      assert(os.execute(("redis-server --bind 127.0.0.1 --port %d --save '' --appendonly no --dir %s "
+        .. "--daemonize yes --pidfile %s > /dev/null"):format(port, dir, pidfile)))
+      local url = ("redis://127.0.0.1:%d"):format(port)
+      poll(function() return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) end, 5000,
+        "redis-server")
+      local f = assert(io.open(pidfile))
+      local rpid = tonumber(f:read("*a"))
+      f:close()
+      local rt = am2z.QueueRuntime.new{ redis = { url = url, commandTimeout = 1000, logger = silent },
+        queuePrefix = fresh(), logger = silent }
+      local started = false
+      rt:register(P("long"):process(function(s, ctx)
+        started = true
+        ctx:sleep(5000)
+        return Success(s)
+      end))
+      local r, elapsed
+      local ok, e = pcall(run, function()
+        rt:start()
+        local h = rt:executeAsync("long", {})
+        poll(function() return started end, 5000, "the execution to start")
+        local t0 = am2z.now()
+        os.execute(("kill -9 %d"):format(rpid))
+        r = h:wait()
+        elapsed = am2z.now() - t0
+        rt:stop{ graceMs = 0 }
+      end, 20000)
+      os.execute(("kill -9 %d 2>/dev/null"):format(rpid))
+      assert(ok, e)
+      assert.is_false(r.success)
+      assert.is_true(errors.is(r.error, errors.NetworkError), tostring(r.error))
+      assert.is_true(elapsed >= 1000, "after " .. elapsed .. " ms")
+      assert.is_true(elapsed < 4500 * MULT, "after " .. elapsed .. " ms")
     end)
 
     it("a malformed job written by another producer fails alone; the next execution works", function()

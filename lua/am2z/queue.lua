@@ -610,8 +610,12 @@ local function finish_call(w, name, keys, args)
     end
     if r ~= nil or not errors.is(err, errors.NetworkError) then return r, err end
     lost = true
+    -- A closing owner that cannot wait any more (QueueRuntime's stop after
+    -- its grace): the job stays active and a stall check hands it on.
+    if w._abandon then return r, err end
     w._logger:warn("Redis unavailable while finishing a job; retrying", { error = tostring(err) })
     if not core.sleep(delay) then return r, err end
+    if w._abandon then return r, err end
     delay = math.min(delay * 2, 2000)
   end
   return nil, errors.NetworkError("gave up finishing the job: Redis stayed unavailable")

@@ -121,8 +121,8 @@ local Hub = {}
 Hub.__index = Hub
 
 local function hub_new(rt)
-  return setmetatable({ rt = rt, keys = {}, ids = {}, names = {}, waiters = {}, closing = false },
-    Hub)
+  return setmetatable({ rt = rt, keys = {}, ids = {}, names = {}, waiters = {}, closing = false,
+                        downLimit = rt._redisOpts.commandTimeout or 10000 }, Hub)
 end
 
 function Hub:register(jid, name)
@@ -215,10 +215,19 @@ end
 
 local function hub_loop(hub)
   local rt = hub.rt
-  local conn, err = redis.connect(rt:_connOpts("am2z:hub"))
-  if not conn then
+  local conn, err
+  while not hub.closing do
+    conn, err = redis.connect(rt:_connOpts("am2z:hub"))
+    if conn then break end
     rt._logger:error("QueueRuntime: the events reader could not connect", { error = tostring(err) })
-    hub.dead = true
+    local t = core.now()
+    hub.downSince = hub.downSince or t
+    if t - hub.downSince >= hub.downLimit then hub:failAll(err) end
+    if not core.sleep(200) then return true, true end
+  end
+  if not conn then return true, true end
+  if hub.closing then
+    conn:close()
     return true, true
   end
   hub.conn = conn
@@ -233,13 +242,21 @@ local function hub_loop(hub)
     if r == nil and e then
       if core.aborted() then break end
       if errors.is(e, errors.NetworkError) then
+        -- Redis gone: whoever waits gets a NetworkError once it has been
+        -- gone for the command timeout, rather than waiting forever.
+        local t = core.now()
+        hub.downSince = hub.downSince or t
+        if t - hub.downSince >= hub.downLimit then hub:failAll(e) end
         if not core.sleep(200) then break end
       elseif not errors.is(e, errors.TimeoutError) then
         -- an error reply that would come back at once: do not spin on it
         rt._logger:warn("QueueRuntime: events reader error", { error = tostring(e) })
         if not core.sleep(200) then break end
       end
-    elseif type(r) == "table" then
+    elseif type(r) == "table" or r == nil then
+      hub.downSince = nil
+    end
+    if type(r) == "table" then
       for _, s in ipairs(r) do
         local key, entries = s[1], s[2]
         for _, ent in ipairs(entries) do
@@ -255,6 +272,16 @@ local function hub_loop(hub)
     end
   end
   return true, true
+end
+
+function Hub:failAll(cause)
+  for jid in pairs(self.waiters) do
+    local w = self.waiters[jid]
+    self:resolve(jid, { success = false, executionTime = 0,
+      metadata = { processorName = w.name, executionId = jid },
+      error = errors.NetworkError(format("Redis was unreachable for %d ms while waiting for execution %s",
+        self.downLimit, jid), { cause = tostring(cause) }) })
+  end
 end
 
 function Hub:start()
@@ -870,11 +897,13 @@ function QueueRuntime:stop(opts)
   end
   if self._hub then self._hub:close() end
   self._hub = nil
-  -- Cancelled jobs still record their failure through their worker.
+  -- Cancelled jobs still record their failure through their worker, unless
+  -- Redis is gone: then they are abandoned (a stall check recovers them).
   wait_idle(self, 2000)
   self._ready = false
   for name, w in pairs(self._workers) do
     self._workers[name] = nil
+    w._abandon = true
     w:close()
   end
   self._queues = {}
