@@ -33,7 +33,7 @@ const fs = require('node:fs');
 
 const opt = { quick: false, worker: false, multi: true,
   url: process.env.AM2Z_BENCH_REDIS_URL || 'redis://127.0.0.1:6379/0',
-  base: null, mode: 'flow', concurrency: 50, phaseLimitMs: 60000, seq: null, batch: 2000, rounds: null, multiRounds: null };
+  base: null, mode: 'flow', concurrency: 50, phaseLimitMs: null, seq: null, batch: 2000, rounds: null, multiRounds: null };
 for (let i = 2; i < process.argv.length; i++) {
   const a = process.argv[i];
   const val = () => {
@@ -217,8 +217,8 @@ function deadline(p, ms, progress, pr) {
   })]).finally(() => clearTimeout(t));
 }
 
-// A phase's deadline: at least --phase-limit-ms (60 s).
-function phaseLimit(ms) { return Math.max(ms, opt.phaseLimitMs); }
+// A phase's deadline: at least 60 s; --phase-limit-ms sets it.
+function phaseLimit(ms) { return opt.phaseLimitMs || Math.max(60000, ms); }
 
 function check(v, n, bad) {
   let s;

@@ -1433,6 +1433,62 @@ static int redis_gc(lua_State *L)
     return 0;
 }
 
+/* ---- file watches ---------------------------------------------------------- */
+
+#define AM2Z_WATCH_MT "am2z.watch"
+
+typedef struct { am2z_watch_t *w; lhost_t *h; } lwatch_t;
+
+/* core.watch_new(path) -> watch | nil, code, message */
+static int l_watch_new(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    const char *path = luaL_checkstring(L, 1);
+    lwatch_t *lw = lua_newuserdata(L, sizeof(*lw));
+    int rc;
+    lw->w = NULL;
+    lw->h = h;
+    luaL_getmetatable(L, AM2Z_WATCH_MT);
+    lua_setmetatable(L, -2);
+    lw->w = am2z_watch_new(h->e, path, &rc);
+    if (lw->w == NULL)
+        return fail(L, rc);
+    return 1;
+}
+
+static lwatch_t *check_watch(lua_State *L)
+{
+    lwatch_t *lw = luaL_checkudata(L, 1, AM2Z_WATCH_MT);
+    return lw;
+}
+
+/* core.watch_next(watch) -> { filename, flags } | nil, code, message */
+static int l_watch_next(lua_State *L)
+{
+    lhost_t *h = HOST(L);
+    lwatch_t *lw = check_watch(L);
+    am2z_exec_t *x;
+    int rc;
+    if (lw->w == NULL)
+        return fail(L, AM2Z_ECLOSED);
+    x = check_can_wait(L, h, "core.watch_next");
+    rc = am2z_watch_next(lw->w, x);
+    if (rc != AM2Z_OK)
+        return fail(L, rc);
+    return lua_yield(L, 0);
+}
+
+static int watch_gc(lua_State *L)
+{
+    lwatch_t *lw = luaL_checkudata(L, 1, AM2Z_WATCH_MT);
+    if (lw->w) {
+        if (!lw->h->closing)
+            am2z_watch_close(lw->w);
+        lw->w = NULL;
+    }
+    return 0;
+}
+
 /* ---- lock keeper ----------------------------------------------------------- */
 
 #define AM2Z_LK_MT "am2z.lockkeeper"
@@ -1558,6 +1614,9 @@ static const luaL_Reg core_funcs[] = {
     { "redis_call", l_redis_call },
     { "redis_ready", l_redis_ready },
     { "redis_script", l_redis_script },
+    { "watch_new", l_watch_new },
+    { "watch_next", l_watch_next },
+    { "watch_close", watch_gc },
     { "lockkeeper_new", l_lk_new },
     { "lockkeeper_add", l_lk_add },
     { "lockkeeper_remove", l_lk_remove },
@@ -1647,6 +1706,11 @@ int am2z_lua_open(lua_State *L, uv_loop_t *loop)
 
         luaL_newmetatable(L, AM2Z_REDIS_MT);
         lua_pushcfunction(L, redis_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pop(L, 1);
+
+        luaL_newmetatable(L, AM2Z_WATCH_MT);
+        lua_pushcfunction(L, watch_gc);
         lua_setfield(L, -2, "__gc");
         lua_pop(L, 1);
     } else {

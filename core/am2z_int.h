@@ -155,6 +155,7 @@ struct am2z_engine_s {
     am2z_sub_t    *subs;          /* owned */
     int            subs_len, subs_cap, subs_live;
     am2z_redis_t  *redis;         /* list of open connections (closed at free) */
+    am2z_watch_t  *watches;       /* list of open file watches (closed at free) */
     uint64_t       next_sub_id;
     int            emitting;      /* unsubscribe during emit only marks */
 };
@@ -175,6 +176,7 @@ void am2z__exec_kill_all(am2z_engine_t *e);
 
 /* redis.c */
 void am2z__redis_close_all(am2z_engine_t *e);
+void am2z__watch_close_all(am2z_engine_t *e);
 
 #define AM2Z_CONTAINER_OF(ptr, type, field) \
     ((type *) ((char *) (ptr) - offsetof(type, field)))

@@ -493,6 +493,7 @@ void am2z_engine_free(am2z_engine_t *e)
     /* After the executions: freeing a connection runs every pending reply
      * callback, and those must find their executions already detached. */
     am2z__redis_close_all(e);
+    am2z__watch_close_all(e);
     e->handles_open += 2;
     uv_close((uv_handle_t *) &e->drain_idle, engine_handle_close_cb);
     uv_close((uv_handle_t *) &e->heap_timer, engine_handle_close_cb);

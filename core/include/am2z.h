@@ -324,6 +324,19 @@ double am2z_retry_delay(const am2z_retry_policy_t *p, int failed_attempt,
                         double unit_random);
 int    am2z_retry_policy_check(const am2z_retry_policy_t *p, const char **why);
 
+/* ---- file-system watches (hot reload) ------------------------------------
+ * A watch on a file or directory (libuv fs events). Events queue until an
+ * execution asks for the next one: am2z_watch_next suspends it and wakes it
+ * with a reply array { filename (string, "" when unknown), flags (integer:
+ * UV_RENAME 1 | UV_CHANGE 2, -1 for an error) }, or AM2Z_ECLOSED once the
+ * watch is closed. One waiter at a time (AM2Z_EBUSY otherwise).
+ * am2z_watch_new fails with AM2Z_ENOTFOUND for a missing path. Close with
+ * am2z_watch_close (memory is released by libuv's close callback). */
+typedef struct am2z_watch_s am2z_watch_t;
+am2z_watch_t *am2z_watch_new(am2z_engine_t *e, const char *path, int *rc);
+int  am2z_watch_next(am2z_watch_t *w, am2z_exec_t *x);
+void am2z_watch_close(am2z_watch_t *w);
+
 /* ---- hashing ---------------------------------------------------------- */
 
 /* SHA-256 of len bytes as 64 lowercase hex digits and a NUL (OpenSSL).
