@@ -29,7 +29,7 @@ results it has.
 
 Besides the human-readable lines it prints "RESULT <key> <value>" lines that
 bench/runtime.sh reads. Needs a redis-server; nothing here is part of the tests.
-Internal: `--worker --prefix P --stop-file F` is a worker process.
+Internal: `--worker --prefix P --stop-file F [--parent-pid PID]` is a worker process.
 ]]
 
 local am2z = require("am2z")
@@ -61,6 +61,7 @@ do
     elseif a == "--url" then opt.url = val()
     elseif a == "--prefix" then opt.prefix = val()
     elseif a == "--stop-file" then opt.stop_file = val()
+    elseif a == "--parent-pid" then opt.parent_pid = tonumber(val())
     elseif a == "--concurrency" then opt.concurrency = tonumber(val())
     elseif a == "--limit-ms" then opt.limit_ms = tonumber(val())
     elseif a == "--phase-limit-ms" then opt.phase_limit_ms = tonumber(val())
@@ -110,6 +111,13 @@ local function new_runtime(prefix, worker_enabled)
   return rt
 end
 
+local function pid()
+  local f = io.open("/proc/self/stat")
+  local s = f and f:read("*l") or ""
+  if f then f:close() end
+  return tonumber(s:match("^(%d+)")) or 0
+end
+
 -- ------------------------------------------------------- worker process mode
 
 if opt.worker then
@@ -119,9 +127,15 @@ if opt.worker then
   print("READY")
   local deadline = now() + opt.limit_ms
   local stopped_by_file = false
-  while now() < deadline do          -- bounded: stops at the stop file or the deadline
+  -- bounded: stops at the stop file, when the orchestrator is gone, or at the deadline
+  while now() < deadline do
     local f = io.open(opt.stop_file)
     if f then f:close() stopped_by_file = true break end
+    if opt.parent_pid then
+      local p = io.open("/proc/" .. opt.parent_pid .. "/stat")
+      if not p then print("orchestrator process is gone") break end
+      p:close()
+    end
     am2z.sleep(50)
   end
   local st = rt:getStats()
@@ -141,17 +155,13 @@ end
 exe = exe or "am2z-lua"
 local script = arg[0]
 
-local function pid()
-  local f = io.open("/proc/self/stat")
-  local s = f and f:read("*l") or ""
-  if f then f:close() end
-  return tonumber(s:match("^(%d+)")) or 0
-end
 local run_id = string.format("%x%x", core.wall_ms(), pid())
 local function sh_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
 local results = {}
 local function result(key, value) results[#results + 1] = { key, value } end
+-- Run before a deadline's os.exit (the worker processes' stop file).
+local exit_hooks = {}
 local function flush_results()
   for _, kv in ipairs(results) do print("RESULT " .. kv[1] .. " " .. kv[2]) end
   results = {}
@@ -189,6 +199,7 @@ local function with_deadline(ms, what, describe, rt, fn)
       print(string.format("am2z-lua  TIMEOUT: %s did not finish in %.1f s; %s", what, ms / 1000, describe()))
       flush_results()
       io.stdout:flush()
+      for _, h in ipairs(exit_hooks) do pcall(h) end
       core.spawn(function()
         core.sleep(3000)
         print("am2z-lua  (queue counts: no answer in 3 s)")
@@ -359,10 +370,14 @@ local function multi_process()
     local out = string.format("%s/am2z-bench-runtime-%s-w%d.out", tmpdir, run_id, w)
     outs[w] = out
     os.execute(string.format(
-      "(timeout -k 5 %d %s %s --worker --url %s --prefix %s --stop-file %s --concurrency %d --limit-ms %d "
-        .. "> %s 2>&1; echo \"EXIT:$?\" >> %s) &",
+      "(timeout -k 5 %d %s %s --worker --url %s --prefix %s --stop-file %s --parent-pid %d --concurrency %d "
+        .. "--limit-ms %d > %s 2>&1; echo \"EXIT:$?\" >> %s) &",
       math.floor(wlimit / 1000) + 15, sh_quote(exe), sh_quote(script), sh_quote(opt.url), sh_quote(prefix),
-      sh_quote(stop_file), opt.concurrency, wlimit, sh_quote(out), sh_quote(out)))
+      sh_quote(stop_file), pid(), opt.concurrency, wlimit, sh_quote(out), sh_quote(out)))
+  end
+  exit_hooks[#exit_hooks + 1] = function()
+    local f = io.open(stop_file, "w")
+    if f then f:close() end
   end
   local function stop_workers()
     local f = io.open(stop_file, "w")

@@ -139,6 +139,10 @@ async function workerMode() {
   for (const w of ws.workers) w.on('completed', () => { completed++; });
   process.stdout.write('READY\n');
   const limit = setTimeout(() => process.exit(2), 300000);
+  // the orchestrator holds our stdin: its end means the orchestrator is gone
+  process.stdin.on('end', () => process.exit(2));
+  process.stdin.on('error', () => process.exit(2));
+  process.stdin.resume();
   process.on('SIGTERM', async () => {
     clearTimeout(limit);
     await ws.close();
@@ -215,6 +219,13 @@ function deadline(p, ms, progress, pr) {
       reject(new Timeout(`${d}; queue counts: ${c}`));
     }, ms);
   })]).finally(() => clearTimeout(t));
+}
+
+// Waits for p at most ms (closing connections to a Redis that hangs would not end).
+function bounded(p, ms) {
+  let t;
+  return Promise.race([p.catch(() => {}), new Promise((resolve) => { t = setTimeout(resolve, ms); })])
+    .finally(() => clearTimeout(t));
 }
 
 // A phase's deadline: at least 60 s; --phase-limit-ms sets it.
@@ -348,8 +359,7 @@ async function oneProcess(runId, mode, label, keyp, result) {
     await throughput(pr, label, ROUNDS, 'r', `${keyp}tp`, result, true);
     if (ws.failed()) console.log(`bullmq    ${label}: ${ws.failed()} failed jobs; first: ${ws.firstError()}`);
   } finally {
-    await pr.close();
-    await ws.close();
+    await bounded(pr.close().then(() => ws.close()), 5000);
   }
 }
 
@@ -360,7 +370,7 @@ async function multiProcess(runId, mode, label, keyp, result) {
   const exits = [];
   for (let w = 0; w < WORKER_PROCS; w++) {
     const child = spawn(process.execPath, [__filename, '--worker', '--url', opt.url, '--base', base,
-      '--mode', mode, '--concurrency', String(opt.concurrency)], { stdio: ['ignore', 'pipe', 'pipe'] });
+      '--mode', mode, '--concurrency', String(opt.concurrency)], { stdio: ['pipe', 'pipe', 'pipe'] });
     outs[w] = '';
     child.stdout.on('data', (d) => { outs[w] += d; });
     child.stderr.on('data', (d) => { outs[w] += d; });
@@ -379,7 +389,7 @@ async function multiProcess(runId, mode, label, keyp, result) {
     await batch(pr, `${label} warm-up`, WARMUP_BATCH, 'wb');
     await throughput(pr, label, MULTI_ROUNDS, 'r', `${keyp}tp2`, result);
   } finally {
-    if (pr) await pr.close();
+    if (pr) await bounded(pr.close(), 5000);
     for (const c of children) c.kill('SIGTERM');
     const kill = setTimeout(() => children.forEach((c) => c.kill('SIGKILL')), 20000);
     const codes = await Promise.all(exits);

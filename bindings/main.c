@@ -33,6 +33,9 @@ static void usage(FILE *f)
         "\n"
         "options:\n"
         "  -e chunk       run the Lua string 'chunk' (repeatable; runs before the script)\n"
+        "  -w, --watch    hot reload: every workflow file the script loads with\n"
+        "                 runtime:load(path) is watched and reloaded on change\n"
+        "                 (same as AM2Z_WATCH=1)\n"
         "  -v, --version  print the version and exit\n"
         "  -h, --help     print this help and exit\n"
         "  --             stop handling options\n"
@@ -43,7 +46,11 @@ static void usage(FILE *f)
         "environment:\n"
         "  AM2Z_LOG_LEVEL   debug | info | warn | error | silent\n"
         "  AM2Z_LOG_FORMAT  pretty | json | silent\n"
-        "  AM2Z_REDIS_URL   redis://host:port/db (reserved for QueueRuntime, not in this release)\n",
+        "  AM2Z_REDIS_URL   redis://host:port/db: the default Redis of QueueRuntime,\n"
+        "                   RedisStateManager and am2z.redis.connect\n"
+        "  AM2Z_WATCH       1: as --watch\n"
+        "\n"
+        "docs: docs/cli.md, docs/api.md\n",
         progname);
 }
 
@@ -153,6 +160,11 @@ int main(int argc, char **argv)
             printf("am2z-lua %s (%s, libuv %s)\n", AM2Z_VERSION, LUAJIT_VERSION,
                    uv_version_string());
             return 0;
+        }
+        if (strcmp(a, "-w") == 0 || strcmp(a, "--watch") == 0) {
+            /* read by lua/am2z/reload.lua: runtime:load watches by default */
+            setenv("AM2Z_WATCH", "1", 1);
+            continue;
         }
         if (strcmp(a, "-e") == 0) {
             if (i + 1 >= argc) {

@@ -136,7 +136,9 @@ function M.call(ctx, name, state, sid, n)
   local rt = ctx[1]
   local remote = rt._callRemote
   if remote then return remote(rt, ctx, name, state, sid, ctx[10] + 1, eid) end
-  return invoke(rt, name, state, sid, ctx[10] + 1, eid)
+  -- The registry the top-level execution started with: a reload while it
+  -- runs does not change the code of its later steps.
+  return invoke(rt, name, state, sid, ctx[10] + 1, eid, ctx[11])
 end
 
 --- Suspends for ms; true, or nil + TimeoutError/CancelledError when aborted.
@@ -288,8 +290,8 @@ local function attempt_body(ctx, input)
 end
 
 -- Array part only: LuaJIT allocates it together with the table header.
-local function new_ctx(rt, def, eid, sid, attempt, startedAt, timeout, depth)
-  return setmetatable({ rt, def, false, eid, sid, attempt, startedAt, timeout, 0, depth }, Ctx)
+local function new_ctx(rt, def, eid, sid, attempt, startedAt, timeout, depth, procs)
+  return setmetatable({ rt, def, false, eid, sid, attempt, startedAt, timeout, 0, depth, procs }, Ctx)
 end
 
 -- A backoff wait that runtime:cancel can interrupt (it cancels this child).
@@ -304,7 +306,8 @@ local function finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
   local t1 = now()
   result.executionTime = t1 - t0
   result.metadata = { processorName = name, executionId = eid, sessionId = sid,
-                      attempt = attempt, startedAt = startedAt }
+                      attempt = attempt, startedAt = startedAt,
+                      codeHash = def and def._codeHash or nil }
   local stats = rt._stats
   if result.success then
     -- One version per successful plain step (composites add none), stamped
@@ -331,8 +334,8 @@ end
 
 -- Checks that happen before any attempt. Returns def, input, or nil and a
 -- finished failed result.
-local function precheck(rt, name, state, sid, depth, eid, t0, startedAt)
-  local def = rt._processors[name]
+local function precheck(rt, name, state, sid, depth, eid, t0, startedAt, procs)
+  local def = (procs or rt._processors)[name]
   if def == nil then
     return nil, finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
       state), nil, name, eid, sid, 1, t0, startedAt)
@@ -416,10 +419,11 @@ end
 
 --- Executes processor `name` on `state` from the current engine coroutine.
 --- Returns an execution result; never raises for runtime conditions.
-invoke = function(rt, name, state, sid, depth, eid)
+invoke = function(rt, name, state, sid, depth, eid, procs)
   local t0 = now()
   local startedAt = t0 + wall_offset
-  local def, input = precheck(rt, name, state, sid, depth, eid, t0, startedAt)
+  procs = procs or rt._processors
+  local def, input = precheck(rt, name, state, sid, depth, eid, t0, startedAt, procs)
   if def == nil then return input end
 
   local timeout = rt:_timeoutOf(def)
@@ -430,7 +434,7 @@ invoke = function(rt, name, state, sid, depth, eid)
   while true do
     emit(rt, "processor:started", def, eid, sid, attempt)
     local ctx = new_ctx(rt, def, eid, sid, attempt,
-      attempt == 1 and startedAt or now() + wall_offset, timeout, depth)
+      attempt == 1 and startedAt or now() + wall_offset, timeout, depth, procs)
     local cid = spawn(attempt_body, "watch", timeout, depth, attempt,
       ctx, attempt == 1 and input or copy_state(state))
     ctx[3] = cid
@@ -474,13 +478,13 @@ local async_settled, async_backoff_done
 -- A job is one pending asynchronous execution. Its fields live in the array
 -- part (one allocation with the table header): 100k of them may be alive.
 local J_RT, J_DEF, J_NAME, J_STATE, J_INPUT, J_SID, J_EID, J_TIMEOUT, J_ATTEMPT, J_T0,
-      J_STARTED, J_DONE, J_DONE_ARG = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13
+      J_STARTED, J_DONE, J_DONE_ARG, J_PROCS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
 
 local function async_attempt(job)
   local rt, def, attempt, eid = job[J_RT], job[J_DEF], job[J_ATTEMPT], job[J_EID]
   emit(rt, "processor:started", def, eid, job[J_SID], attempt)
   local ctx = new_ctx(rt, def, eid, job[J_SID], attempt,
-    attempt == 1 and job[J_STARTED] or now() + wall_offset, job[J_TIMEOUT], 0)
+    attempt == 1 and job[J_STARTED] or now() + wall_offset, job[J_TIMEOUT], 0, job[J_PROCS])
   local cid = spawn(attempt_body, "root", job[J_TIMEOUT], 0, attempt,
     ctx, attempt == 1 and job[J_INPUT] or copy_state(job[J_STATE]))
   ctx[3] = cid
@@ -539,7 +543,7 @@ function M.start(rt, name, state, sid, eid, done, arg)
   local policy = def.config.retryPolicy
   local pristine = (policy and policy.maxAttempts > 1) and statem.clone(input) or state
   async_attempt({ rt, def, name, pristine, input, sid, eid, rt:_timeoutOf(def), 1, t0, startedAt,
-                  done, arg })
+                  done, arg, rt._processors })
 end
 
 M.invoke = invoke

@@ -560,6 +560,11 @@ function QueueRuntime:_ensureQueue(name)
   return q
 end
 
+-- After a reload: queues and workers for new processors, none for removed.
+function QueueRuntime:_afterReload()
+  if self._ready and core.in_exec() then self:syncProcessors() end
+end
+
 --- Makes processors registered after start runnable (queues, workers);
 --- workers of unregistered processors are closed.
 function QueueRuntime:syncProcessors()

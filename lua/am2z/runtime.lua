@@ -94,13 +94,27 @@ end
 
 -- ------------------------------------------------------------ registration
 
-local function register_one(self, def, seen)
+local function register_one(procs, def, seen)
   if seen[def] then return end
   seen[def] = true
-  for _, d in ipairs(def.deps or {}) do register_one(self, d, seen) end
-  -- Replacing a definition leaves executions already running on the old
-  -- one untouched: they hold the old table.
-  self._processors[def.name] = def
+  for _, d in ipairs(def.deps or {}) do register_one(procs, d, seen) end
+  procs[def.name] = def
+end
+
+-- The registry is copied on every change, never changed in place: an
+-- execution keeps the registry it started with (so its nested calls run the
+-- code it started on), and a reload swaps in a whole new one at once.
+local function copy_registry(self)
+  local procs = {}
+  for k, v in pairs(self._processors) do procs[k] = v end
+  return procs
+end
+
+M.registerInto = function(procs, def) register_one(procs, def, {}) end
+
+function LocalRuntime:_setRegistry(procs)
+  self._processors = procs
+  self._timeouts = {}
 end
 
 --- Registers a processor definition and its dependencies; replaces an existing name.
@@ -111,8 +125,9 @@ function LocalRuntime:register(def)
     error("register: expected a processor definition (from createProcessor(...):process(fn) "
       .. "or a composite), got " .. describe(def), 2)
   end
-  register_one(self, def, {})
-  self._timeouts = {}
+  local procs = copy_registry(self)
+  register_one(procs, def, {})
+  self:_setRegistry(procs)
   return self
 end
 
@@ -127,8 +142,9 @@ function LocalRuntime:registerMany(list)
         describe(def)), 2)
     end
   end
-  for _, def in ipairs(list) do register_one(self, def, {}) end
-  self._timeouts = {}
+  local procs = copy_registry(self)
+  for _, def in ipairs(list) do register_one(procs, def, {}) end
+  self:_setRegistry(procs)
   return self
 end
 
@@ -139,8 +155,11 @@ function LocalRuntime:unregister(name)
     error("unregister: expected a processor name (string), got " .. describe(name), 2)
   end
   local had = self._processors[name] ~= nil
-  self._processors[name] = nil
-  self._timeouts = {}
+  if had then
+    local procs = copy_registry(self)
+    procs[name] = nil
+    self:_setRegistry(procs)
+  end
   return had
 end
 
@@ -203,6 +222,24 @@ function LocalRuntime:_loggerFor(name)
     self._loggers[name] = l
   end
   return l
+end
+
+-- ------------------------------------------------------------ workflow files
+
+--- Loads a workflow file (or a directory of *.lua files): each returns
+--- processor definitions, which are registered. With opts.watch (default
+--- AM2Z_WATCH=1, i.e. am2z-lua --watch) they are reloaded on change.
+---@param path string
+---@param opts table|nil { watch = bool, debounceMs = 50 }
+---@return table list of { file, codeHash, added, replaced, removed }
+function LocalRuntime:load(path, opts)
+  return require("am2z.reload").load(self, path, opts)
+end
+
+--- Stops watching the files loaded with load().
+function LocalRuntime:unwatch()
+  if self._loader then self._loader:close() end
+  return self
 end
 
 -- ------------------------------------------------------------ lifecycle
