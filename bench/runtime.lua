@@ -18,14 +18,17 @@ Measures, in ONE am2z-lua process (producer and workers, worker.concurrency 50):
   * throughput: 2,000 chains in flight at once (executeAsync all, then wait
     all), in rounds (5; --quick 1; after one unmeasured warm-up batch of 500);
     chains/s over all rounds (total chains / total time), best and worst round.
+    Over these rounds also: redis-server main-thread CPU and commands per
+    chain (INFO, before and after), and this process's CPU per chain.
 and, unless --no-multi, with the workers in 2 other am2z-lua processes (this
 script with --worker, worker.concurrency 50 each) and a producer-only
 runtime (worker.enabled = false) here:
   * throughput: 2,000 chains in flight, in rounds (3; --quick 1).
 
-Every phase runs under a deadline (at least 60 s; --phase-limit-ms sets it); when it passes, the phase prints what it
-saw (chains finished, queue counts) and the script exits 3 after printing the
-results it has.
+Every phase runs under a deadline (at least 60 s; --phase-limit-ms sets it);
+when it passes, the phase prints what it saw (chains finished, queue counts)
+and the script exits 3 after printing the results it has. Other options:
+--no-multi, --seq N, --batch N, --rounds N, --multi-rounds N, --concurrency C.
 
 Besides the human-readable lines it prints "RESULT <key> <value>" lines that
 bench/runtime.sh reads. Needs a redis-server; nothing here is part of the tests.
@@ -187,9 +190,9 @@ local function queue_counts(rt)
   return table.concat(parts, " ")
 end
 
--- Runs fn() under a deadline (`ms`, at least 60 s; or --phase-limit-ms). When the deadline
--- passes first: prints `describe()` (progress, no Redis), the results so
--- far, the queue counts (given 3 s: Redis itself may be what hangs), and
+-- Runs fn() under a deadline (`ms`, at least 60 s; or --phase-limit-ms).
+-- When the deadline passes first: prints `describe()` (progress, no Redis),
+-- the results so far, the queue counts (given 3 s: Redis itself may be what hangs), and
 -- exits 3 (a hung wait cannot be resumed from here, and the next phase
 -- would only pile up on it).
 local function with_deadline(ms, what, describe, rt, fn)

@@ -21,7 +21,8 @@
 // chains; add + wait, one chain at a time) p50 / p99 / mean / max ms, and
 // throughput with 2,000 chains in flight (all added at once without awaiting
 // each, then all awaited), in rounds (5; --quick 1; after one warm-up batch of
-// 500). Unless --no-multi, the flow throughput again with the workers in 2
+// 500); over those rounds also redis-server main-thread CPU and commands per
+// chain (INFO before and after) and this process's CPU per chain. Unless --no-multi, the flow throughput again with the workers in 2
 // other Node processes (this script with --worker, concurrency 50 each), 3
 // rounds (--quick 1). Removal as am2z's QueueRuntime: top-level jobs keep the
 // last 1,000 completed, intermediate jobs are removed when done.

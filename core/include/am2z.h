@@ -359,6 +359,81 @@ int  am2z_engine_unsubscribe(am2z_engine_t *e, uint64_t id);
 int  am2z_engine_subscribers(const am2z_engine_t *e);
 void am2z_engine_emit(am2z_engine_t *e, const am2z_event_t *ev);
 
+/* ---- embedding: an engine with its Lua runtime in a C/C++ program -------
+ * Implemented in bindings/embed.c (libam2z links LuaJIT); docs/embedding.md.
+ * Everything runs on the loop's thread. Every int function returns 0
+ * (AM2Z_OK) or a negative am2z_err_t and leaves a message readable with
+ * am2z_host_error(); none raises or aborts on bad arguments. */
+typedef struct am2z_host_s am2z_host_t;
+typedef struct am2z_call_s am2z_call_t;
+
+typedef struct {
+    uv_loop_t  *loop;               /* the host's loop; NULL: the engine owns one */
+    const char *lua_dir;            /* where am2z/init.lua is; NULL: installed, else source tree */
+    const char *redis_url;          /* non-NULL: QueueRuntime on this Redis, else LocalRuntime */
+    const char *queue_prefix;       /* QueueRuntime queuePrefix; NULL: "am2z" */
+    int         max_call_depth;     /* 0: 10 */
+    uint32_t    default_timeout_ms; /* 0: 60000 */
+    int         concurrency;        /* QueueRuntime worker concurrency; 0: 5 */
+    const char *log_level;          /* "debug" | "info" | "warn" | "error" | "silent"; NULL: AM2Z_LOG_LEVEL or info */
+} am2z_host_opts_t;
+
+#define AM2Z_EXECUTION_ID_MAX 128
+
+/* An execution's result as JSON { success, state, error, executionTime,
+ * metadata } (error serialized as am2z.errors.serialize does); ok is 1 for
+ * a success. Called once per am2z_host_execute, on the loop thread. */
+typedef void (*am2z_result_fn)(void *ud, const char *execution_id, int ok, const char *result_json);
+/* An event (processor:started|completed|failed|retrying, reload:*, custom)
+ * with its payload as JSON. */
+typedef void (*am2z_event_fn)(void *ud, const char *event, const char *payload_json);
+/* A native processor: called with the input state as JSON; completes the
+ * call with am2z_call_succeed/am2z_call_fail, before returning or later (on
+ * the loop thread). */
+typedef void (*am2z_native_fn)(am2z_call_t *call, const char *state_json, void *ud);
+/* Called once when the execution of a pending native call is aborted
+ * (timeout, cancel); the call must still be completed (its result is then
+ * ignored). */
+typedef void (*am2z_cancel_fn)(am2z_call_t *call, void *ud);
+
+/* Creates a host; *out is set even on failure (read am2z_host_error, then
+ * am2z_host_free it). */
+int  am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out);
+const char *am2z_host_error(const am2z_host_t *h);
+uv_loop_t  *am2z_host_loop(am2z_host_t *h);
+/* Loads a Lua workflow file or directory (runtime:load); watch != 0 reloads
+ * it on change. */
+int  am2z_host_load(am2z_host_t *h, const char *path, int watch);
+/* Registers a native processor; timeout_ms 0: the runtime's default. */
+int  am2z_host_register_native(am2z_host_t *h, const char *name, am2z_native_fn fn, void *ud,
+                               uint32_t timeout_ms);
+int  am2z_host_start(am2z_host_t *h);
+/* Starts an execution; cb gets its result later (never from inside this
+ * call). execution_id (may be NULL) receives its id. */
+int  am2z_host_execute(am2z_host_t *h, const char *processor, const char *state_json,
+                       const char *session_id, am2z_result_fn cb, void *ud,
+                       char execution_id[AM2Z_EXECUTION_ID_MAX]);
+/* AM2Z_ENOTFOUND when no such execution runs. */
+int  am2z_host_cancel(am2z_host_t *h, const char *execution_id);
+/* *json: runtime:getStats() as JSON, to free() by the caller. */
+int  am2z_host_stats_json(am2z_host_t *h, char **json);
+int  am2z_host_on(am2z_host_t *h, const char *event, am2z_event_fn cb, void *ud);
+/* Runs the engine's loop (only when the engine owns it). */
+int  am2z_host_run(am2z_host_t *h, uv_run_mode mode);
+/* Graceful stop: executions in flight finish or are cancelled at grace_ms;
+ * their callbacks still run. Returns at once; the loop does the rest. */
+int  am2z_host_stop(am2z_host_t *h, uint32_t grace_ms);
+/* Frees everything (call it outside the loop's callbacks). */
+void am2z_host_free(am2z_host_t *h);
+
+int  am2z_call_succeed(am2z_call_t *call, const char *state_json);
+/* code: an error code (e.g. "PAYMENT_DECLINED"), message, retryable: 1, 0,
+ * or -1 for the default rule. */
+int  am2z_call_fail(am2z_call_t *call, const char *code, const char *message, int retryable);
+int  am2z_call_on_cancel(am2z_call_t *call, am2z_cancel_fn fn, void *ud);
+const char *am2z_call_execution_id(const am2z_call_t *call);
+int  am2z_call_is_cancelled(const am2z_call_t *call);
+
 #ifdef __cplusplus
 }
 #endif
