@@ -428,13 +428,20 @@ lua_State *am2z_host_lua(am2z_host_t *h)
     return h ? h->L : NULL;
 }
 
+static int not_started(am2z_host_t *h, const char *fname)
+{
+    char why[sizeof(h->err)];
+    /* the message quotes the earlier one, which it overwrites */
+    snprintf(why, sizeof(why), "%s", h->err);
+    return set_err(h, AM2Z_ESTATE, "%s: the host failed to start (%s)", fname, why);
+}
+
 #define CHECK_HOST(h, fname)                                                   \
     do {                                                                       \
         if ((h) == NULL)                                                       \
             return AM2Z_EINVAL;                                                \
         if ((h)->api_ref == LUA_NOREF)                                         \
-            return set_err((h), AM2Z_ESTATE, "%s: the host failed to start (%s)", \
-                           fname, (h)->err);                                   \
+            return not_started((h), fname);                                    \
     } while (0)
 
 int am2z_host_load(am2z_host_t *h, const char *path, int watch)
