@@ -9,6 +9,8 @@
  * returns 0 or a negative am2z_err_t and leaves a message for
  * am2z_host_error(); nothing raises or aborts on bad arguments.
  */
+#define _GNU_SOURCE 1   /* dladdr */
+#include <dlfcn.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -324,7 +326,7 @@ int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
     am2z_host_opts_t dflt;
     am2z_host_t *h;
     const char *dir;
-    char cand[PATH_MAX];
+    char cand[PATH_MAX + 64];
     lua_State *L;
 
     if (out == NULL)
@@ -345,9 +347,31 @@ int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
     h->L = L;
     luaL_openlibs(L);
 
-    /* Where the am2z Lua library is: given, else installed, else the
-     * source tree this library was built from. */
+    /* Where the am2z Lua library is: given, else $AM2Z_LUA_DIR, else next
+     * to this library's install tree (found from where the code was loaded
+     * from, so any --prefix works), else the configured install dir, else
+     * the source tree this library was built from. */
     dir = opts->lua_dir;
+    if (dir == NULL)
+        dir = getenv("AM2Z_LUA_DIR");
+    if (dir == NULL) {
+        static char near[PATH_MAX];
+        Dl_info info;
+        if (dladdr((void *) am2z_host_new, &info) && info.dli_fname) {
+            char *slash;
+            snprintf(near, sizeof(near), "%s", info.dli_fname);
+            slash = strrchr(near, '/');
+            if (slash) {
+                *slash = '\0';
+                snprintf(cand, sizeof(cand), "%s/../share/lua/5.1/am2z/init.lua", near);
+                if (file_exists(cand)) {
+                    size_t n = strlen(near);
+                    snprintf(near + n, sizeof(near) - n, "/../share/lua/5.1");
+                    dir = near;
+                }
+            }
+        }
+    }
     if (dir == NULL) {
         snprintf(cand, sizeof(cand), "%s/am2z/init.lua", AM2Z_INSTALL_LUA_DIR);
         dir = file_exists(cand) ? AM2Z_INSTALL_LUA_DIR : AM2Z_SOURCE_LUA_DIR;
@@ -421,11 +445,6 @@ int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
 uv_loop_t *am2z_host_loop(am2z_host_t *h)
 {
     return h && h->e ? am2z_engine_loop(h->e) : NULL;
-}
-
-lua_State *am2z_host_lua(am2z_host_t *h)
-{
-    return h ? h->L : NULL;
 }
 
 static int not_started(am2z_host_t *h, const char *fname)

@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# luarocks: the install spec builds the rockspec with it.
 PACKAGES=(build-essential cmake pkg-config libluajit2-5.1-dev luajit2 libuv1-dev
-          libhiredis-dev lua-cjson libssl-dev lua-busted redis-server)
+          libhiredis-dev lua-cjson libssl-dev lua-busted redis-server luarocks)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -127,11 +127,47 @@ describe("am2z-lua options", function()
   it("--help lists the options and the environment variables on stdout, exit 0", function()
     local r = run("--help")
     assert.equal(0, r.code)
-    for _, s in ipairs({ "usage:", "-e chunk", "--version", "--help", "AM2Z_REDIS_URL",
-                         "AM2Z_LOG_LEVEL", "AM2Z_LOG_FORMAT" }) do
+    for _, s in ipairs({ "usage:", "-e chunk", "--version", "--help", "--watch", "AM2Z_REDIS_URL",
+                         "AM2Z_LOG_LEVEL", "AM2Z_LOG_FORMAT", "AM2Z_WATCH" }) do
       has(r.out, s)
     end
     assert.equal("", r.err)
+  end)
+
+  it("--watch: workflow files loaded with runtime:load are reloaded on change", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    os.execute("mkdir -p " .. dir)
+    local wf = dir .. "/flow.lua"
+    local function write(v)
+      local f = assert(io.open(wf, "w"))
+      f:write(('return require("am2z").createProcessor("v"):process(function(s) s.v = %d '
+        .. 'return require("am2z").Success(s) end)'):format(v))
+      f:close()
+    end
+    write(1)
+    local path = script(([[
+local am2z = require("am2z")
+local core = require("am2z.core")
+local rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger() }
+local wf = %q
+local me, token = core.current(), 424242
+rt:on("reload:succeeded", function() core.complete_host(me, token) end)
+rt:load(wf)                        -- no watch option: --watch turns it on
+rt:start()
+print("before", rt:execute("v", {}).state.v)
+local f = io.open(wf, "w")
+f:write('return require("am2z").createProcessor("v"):process(function(s) s.v = 2 return require("am2z").Success(s) end)')
+f:close()
+core.wait_host(token)
+print("after", rt:execute("v", {}).state.v)
+rt:unwatch()
+]]):format(wf))
+    local r = run("--watch " .. path)
+    os.execute("rm -rf " .. dir)
+    assert.equal(0, r.code, r.err)
+    has(r.out, "before\t1")
+    has(r.out, "after\t2")
   end)
 
   it("an unknown option exits non-zero with the usage on stderr", function()

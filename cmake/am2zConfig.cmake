@@ -1,0 +1,25 @@
+# find_package(am2z) for C and C++ programs that embed the engine.
+# Provides am2z::am2z (the static library) and am2z::am2z_shared; both bring
+# their include directory and their dependencies (libuv, hiredis, libcrypto,
+# LuaJIT, found with pkg-config as the build found them).
+include(CMakeFindDependencyMacro)
+find_dependency(Threads)
+find_dependency(PkgConfig)
+foreach(_am2z_dep LIBUV:libuv HIREDIS:hiredis CRYPTO:libcrypto LUAJIT:luajit)
+  string(REPLACE ":" ";" _am2z_pair "${_am2z_dep}")
+  list(GET _am2z_pair 0 _am2z_var)
+  list(GET _am2z_pair 1 _am2z_mod)
+  if(NOT TARGET PkgConfig::${_am2z_var})
+    pkg_check_modules(${_am2z_var} QUIET IMPORTED_TARGET ${_am2z_mod})
+    if(NOT ${_am2z_var}_FOUND)
+      set(am2z_FOUND FALSE)
+      set(am2z_NOT_FOUND_MESSAGE "am2z needs ${_am2z_mod} (pkg-config could not find it)")
+      return()
+    endif()
+  endif()
+endforeach()
+include("${CMAKE_CURRENT_LIST_DIR}/am2zTargets.cmake")
+if(NOT TARGET am2z::am2z)
+  add_library(am2z::am2z INTERFACE IMPORTED)
+  set_target_properties(am2z::am2z PROPERTIES INTERFACE_LINK_LIBRARIES am2z::am2z_static)
+endif()
