@@ -321,6 +321,73 @@ describe("QueueRuntime", function()
     end)
   end)
 
+  -------------------------------------------------------------- hot reload
+  describe("hot reload", function()
+    it("workers take new definitions without dropping the job in flight; new processors get queues", function()
+      local dir = tmpdir()
+      local wf = dir .. "/flow.lua"
+      local function write(v, extra)
+        local f = assert(io.open(wf, "w"))
+        f:write(([[
+local am2z = require("am2z")
+local gate = require("qr_reload_gate")
+local defs = { am2z.createProcessor("work"):process(function(s, ctx)
+  if s.wait then gate.wait() end
+  s.v = %d
+  return am2z.Success(s)
+end) }
+%s
+return defs
+]]):format(v, extra or ""))
+        f:close()
+      end
+      -- a gate the test opens, shared with the workflow file through package.loaded
+      local gate = { waiters = {} }
+      function gate.wait()
+        if gate.open then return end
+        local me, token = (core.current()), 0x5150
+        gate.waiters[#gate.waiters + 1] = { me, token }
+        gate.started = true
+        core.wait_host(token)
+      end
+      function gate.release()
+        gate.open = true
+        for _, w in ipairs(gate.waiters) do core.complete_host(w[1], w[2]) end
+      end
+      package.loaded.qr_reload_gate = gate
+      write(1)
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local reloaded
+      rt:on("reload:succeeded", function(e) reloaded = e end)
+      local old, new, added
+      run(function()
+        rt:load(wf, { watch = true, debounceMs = 20 })
+        rt:start()
+        local h = rt:executeAsync("work", { wait = true })
+        poll(function() return gate.started end, 5000, "the first job to start")
+        write(2, [[defs[2] = am2z.createProcessor("extra"):process(function(s) s.extra = true return am2z.Success(s) end)]])
+        poll(function() return reloaded ~= nil end, 5000, "the reload")
+        new = rt:execute("work", {})
+        added = rt:execute("extra", {})
+        gate.release()
+        old = h:wait()
+        rt:unwatch()
+        rt:stop()
+      end, 15000)
+      package.loaded.qr_reload_gate = nil
+      os.execute("rm -rf " .. dir)
+      assert.are.same({ "extra" }, reloaded.added)
+      assert.are.same({ "work" }, reloaded.replaced)
+      assert.is_true(old.success, tostring(old.error))
+      assert.are.equal(1, old.state.v, "the job in flight finished on the old code")
+      assert.are.equal(2, new.state.v)
+      assert.are_not.equal(old.metadata.codeHash, new.metadata.codeHash)
+      assert.is_true(added.success, tostring(added.error))
+      assert.is_true(added.state.extra)
+    end)
+  end)
+
   -------------------------------------------------------------- layout
   describe("jobs in Redis", function()
     it("one queue per processor; job id = execution id; data and return value as ARCHITECTURE.md says", function()

@@ -652,12 +652,9 @@ return am2z.batchProcessor{ name = "fan", processorName = "leaf", payloads = { {
       assert_error_class(r_gone, errors.ProcessorNotFoundError)
     end)
 
-    -- FAILS: reload.lua's Loader:apply checks "does something that stays use
-    -- what goes" against the registry *before* the swap, so the OLD version
-    -- of a composite that the same edit redefines still counts as a user:
-    -- shrinking chain pipe{a, b} to pipe{a} and dropping b in one save is
-    -- refused with "processor 'b' is removed but 'pipe' still uses it",
-    -- although after the reload nothing uses b.
+    -- "Something that stays uses what goes" is judged on the registry after
+    -- the reload: the old version of a composite redefined by the same save
+    -- does not count as a user.
     it("shrinking a composite and dropping its old step in the same save reloads", function()
       local path = dir .. "/flow.lua"
       local v1 = [[
@@ -740,12 +737,8 @@ return am2z.chainProcessors{ name = "pipe", processors = { a } }
       assert.are.same({}, before)
     end)
 
-    -- FAILS: docs/api.md says a change "is reloaded after debounceMs without
-    -- more events" (a trailing debounce), but Loader:schedule starts one
-    -- timer at the first event and reloads debounceMs later however many
-    -- events follow: a file written in pieces over longer than debounceMs is
-    -- reloaded several times, half-written versions included (here 8 writes
-    -- 40 ms apart with debounceMs = 150 give 2 or 3 reloads instead of 1).
+    -- A trailing debounce (docs/api.md: "after debounceMs without more
+    -- events"): a file written in pieces is reloaded once, whole.
     it("writes closer together than debounceMs keep postponing the reload (one reload at the end)", function()
       local DEBOUNCE, GAP = 150, 40
       local ev = record_reloads(rt)
@@ -803,10 +796,8 @@ return am2z.chainProcessors{ name = "pipe", processors = { a } }
       assert.are.same({}, rt:getRegisteredProcessorNames())
     end)
 
-    -- FAILS: LocalRuntime:load is `return require("am2z.reload").load(...)`,
-    -- a tail call, so reload.lua's error(msg, 3) skips the caller and names
-    -- the caller's caller (here pcall, so no position at all); register()
-    -- and the other misuse errors name the caller's line.
+    -- Like register() and the other misuse errors, load's name the caller's
+    -- line (load must not be a tail call for that).
     it("a misuse error names the line of the rt:load call", function()
       local line
       local ok, m = pcall(function()

@@ -97,7 +97,7 @@ local function run_file(path)
   local chunk, serr = loadstring(src, "@" .. path)
   if not chunk then
     local line, msg = split_error(path, serr)
-    return nil, { line = line, message = "syntax error: " .. msg }
+    return nil, { line = line, message = "syntax error: " .. msg, hash = hash }
   end
   -- A fresh environment per run: globals the file sets do not leak into the
   -- next version, reads fall through to the real globals.
@@ -106,10 +106,10 @@ local function run_file(path)
   local ok, ret = xpcall(chunk, debug.traceback)
   if not ok then
     local line, msg = split_error(path, (tostring(ret):match("^[^\n]*")))
-    return nil, { line = line, message = "runtime error: " .. msg, traceback = tostring(ret) }
+    return nil, { line = line, message = "runtime error: " .. msg, traceback = tostring(ret), hash = hash }
   end
   local defs, derr = definitions_of(ret)
-  if not defs then return nil, { message = derr } end
+  if not defs then return nil, { message = derr, hash = hash } end
   return { defs = defs, hash = hash }
 end
 
@@ -157,23 +157,8 @@ function Loader:apply(path, res)
     end
   end
   sort(removed)
-  -- Something that stays must not depend on what goes.
-  for _, gone in ipairs(removed) do
-    for name, d in pairs(procs) do
-      for _, dep in ipairs(d.deps or {}) do
-        if dep.name == gone and not new_names[gone] then
-          return nil, format("processor '%s' is removed but '%s' still uses it", gone, name)
-        end
-      end
-      if d.processorName == gone then
-        return nil, format("processor '%s' is removed but '%s' still uses it", gone, name)
-      end
-    end
-  end
   local added, replaced = {}, {}
   for name, d in pairs(new_names) do
-    d._codeHash = res.hash
-    d._file = path
     local prev = procs[name]
     if prev == nil then
       added[#added + 1] = name
@@ -182,10 +167,31 @@ function Loader:apply(path, res)
     end
   end
   for _, d in ipairs(res.defs) do runtime.registerInto(procs, d) end
+  -- Something that stays must not depend on what goes (checked on the
+  -- registry as it would be, so a composite that drops a step in the same
+  -- save is fine).
+  for _, gone in ipairs(removed) do
+    for name, d in pairs(procs) do
+      local uses = d.processorName == gone
+      for _, dep in ipairs(d.deps or {}) do
+        if dep.name == gone then uses = true end
+      end
+      if uses then
+        return nil, format("processor '%s' is removed but '%s' still uses it", gone, name)
+      end
+    end
+  end
   sort(added)
   sort(replaced)
+  for _, d in pairs(new_names) do
+    if not d.native and (d._codeHash == nil or d._file == path) then
+      d._codeHash = res.hash
+      d._file = path
+    end
+  end
   rt:_setRegistry(procs)
-  self.files[path] = { hash = res.hash, names = new_names }
+  local watched = self.files[path] and self.files[path].watched
+  self.files[path] = { hash = res.hash, names = new_names, watched = watched }
   if rt._afterReload then rt:_afterReload() end
   return { file = path, codeHash = res.hash, added = added, replaced = replaced, removed = removed }
 end
@@ -196,12 +202,29 @@ function Loader:reload(path)
   local res, err = run_file(path)
   local summary, aerr
   if res then
-    if cur and cur.hash == res.hash then return true end   -- touched, not changed
+    if cur and cur.hash == res.hash then
+      -- Touched, not changed; or a broken edit undone: say the good code is
+      -- back (nothing changed in the registry).
+      if cur.failedHash then
+        cur.failedHash = nil
+        summary = { file = path, codeHash = res.hash, added = {}, replaced = {}, removed = {} }
+        rt:_dispatch("reload:succeeded", summary)
+        return summary
+      end
+      return true
+    end
     summary, aerr = self:apply(path, res)
     if not summary then err = { message = aerr } end
   end
   if not summary then
+    -- The same broken content reported once, however many events it causes.
+    local fh = (res and res.hash) or err.hash or (err.message .. tostring(err.line))
+    if cur and cur.failedHash == fh then return nil, cur.lastFailure end
     local payload = { file = path, line = err.line, message = err.message }
+    if cur then
+      cur.failedHash = fh
+      cur.lastFailure = payload
+    end
     rt._logger:error(format("reload of %s failed%s: %s (the previous code stays)", path,
       err.line and (" at line " .. err.line) or "", err.message))
     rt:_dispatch("reload:failed", payload)
@@ -236,13 +259,22 @@ local function watch_loop(l, dir, watch)
   return true, true
 end
 
+-- Trailing debounce: the reload runs once no event came for debounceMs, so
+-- a file written in several pieces is read once, whole.
 function Loader:schedule(path)
   self.pending = self.pending or {}
   self.pending[path] = true
+  self.lastEvent = core.now()
   if self.timer then return end
   local l = self
   self.timer = core.spawn(function()
-    local ok = core.sleep(l.debounce or DEFAULT_DEBOUNCE)
+    local deb = l.debounce or DEFAULT_DEBOUNCE
+    local ok = core.sleep(deb)
+    while ok do
+      local quiet = core.now() - l.lastEvent
+      if quiet >= deb then break end
+      ok = core.sleep(deb - quiet)
+    end
     l.timer = nil
     if not ok then return true, true end
     local todo = l.pending

@@ -233,7 +233,9 @@ end
 ---@param opts table|nil { watch = bool, debounceMs = 50 }
 ---@return table list of { file, codeHash, added, replaced, removed }
 function LocalRuntime:load(path, opts)
-  return require("am2z.reload").load(self, path, opts)
+  -- not a tail call: load's misuse errors name the caller's line
+  local summaries = require("am2z.reload").load(self, path, opts)
+  return summaries
 end
 
 --- Stops watching the files loaded with load().
