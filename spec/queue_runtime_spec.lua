@@ -471,6 +471,66 @@ return defs
     end)
   end)
 
+  -------------------------------------------------------------- lifecycle
+  describe("lifecycle", function()
+    it("executeInSession stores the session; unregister + syncProcessors removes a processor; disconnect", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      rt:register(P("p"):process(function(s) s.ok = true return Success(s) end))
+      local sid = "sess-" .. prefix
+      run(function()
+        rt:start()
+        local r = rt:executeInSession("p", { x = 1 }, sid)
+        assert.is_true(r.success)
+        assert.are.equal(sid, r.metadata.sessionId)
+        assert.is_true(rt:getState(sid).state.ok)
+        assert.is_true(rt:unregister("p"))
+        rt:syncProcessors()
+        local r2 = rt:execute("p", {})
+        assert.is_true(errors.is(r2.error, errors.ProcessorNotFoundError), tostring(r2.error))
+        rt:disconnect()
+      end)
+      assert.are.same({ execs = 0, timers = 0, threads = 0, results = 0 }, core._debug_counts())
+    end)
+
+    -- BullMQ's rule: jobs without a priority come first; among prioritized
+    -- ones the lower number first.
+    it("withQueueConfig{ priority } is the jobs' BullMQ priority (1 before another producer's 5)", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { concurrency = 1 } }
+      local order, gate = {}, { open = false }
+      rt:register(P("prio"):withQueueConfig{ priority = 1 }:process(function(s)
+        if s.hold and not gate.open then
+          gate.w = { (core.current()), 0x7001 }
+          core.wait_host(0x7001)
+        end
+        order[#order + 1] = s.tag
+        return Success(s)
+      end))
+      run(function()
+        rt:start()
+        local first = rt:executeAsync("prio", { hold = true, tag = "first" })
+        poll(function() return gate.w ~= nil end, 5000, "the first job to hold the worker")
+        -- a job from another producer, in the same queue, with priority 5
+        local q = am2z.queue.Queue.new(prefix .. "_prio", { connection = { url = URL, logger = silent } })
+        q:add("prio", { processorName = "prio", state = { tag = "five" }, executionId = "five-1",
+                        callContext = { depth = 0 } }, { jobId = "five-1", priority = 5 })
+        local urgent = rt:executeAsync("prio", { tag = "urgent" })
+        poll(function() return q:getJobCounts().prioritized == 2 end, 5000, "both jobs to be queued")
+        gate.open = true
+        core.complete_host(gate.w[1], gate.w[2])
+        assert.is_true(first:wait().success)
+        assert.is_true(urgent:wait().success)
+        poll(function() return #order == 3 end, 5000, "the other producer's job")
+        q:close()
+        rt:stop()
+      end)
+      assert.are.same({ "first", "urgent", "five" }, order)
+    end)
+  end)
+
   -------------------------------------------------------------- bad input
   describe("bad input", function()
     it("a state that is not JSON fails with the path, and nothing is enqueued", function()
@@ -512,15 +572,18 @@ return defs
       local port
       for _ = 1, 20 do
         port = 20000 + math.random(0, 20000)
-        if not os.execute(("(exec 3<>/dev/tcp/127.0.0.1/%d) 2>/dev/null"):format(port)) then break end
+        -- (LuaJIT's os.execute returns the exit status: 0 when the port answered)
+        if os.execute(("bash -c '(exec 3<>/dev/tcp/127.0.0.1/%d)' 2>/dev/null"):format(port)) ~= 0 then break end
       end
       local dir = tmpdir()
       local pidfile = dir .. "/redis.pid"
       assert(os.execute(("redis-server --bind 127.0.0.1 --port %d --save '' --appendonly no --dir %s "
         .. "--daemonize yes --pidfile %s > /dev/null"):format(port, dir, pidfile)))
       local url = ("redis://127.0.0.1:%d"):format(port)
-      poll(function() return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) end, 5000,
-        "redis-server")
+      poll(function()
+        return os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) == 0
+          and file_exists(pidfile)
+      end, 5000, "redis-server")
       local f = assert(io.open(pidfile))
       local rpid = tonumber(f:read("*a"))
       f:close()
