@@ -135,7 +135,9 @@ static void signals_close(void)
 static const char *MAIN_BODY =
     "local chunks, n, args = ...\n"
     "local unpack = unpack or table.unpack\n"
-    "for i = 1, n do chunks[i](unpack(args, 1, args.n)) end\n";
+    "for i = 1, n do chunks[i](unpack(args, 1, args.n)) end\n"
+    "local am2z = package.loaded['am2z']\n"
+    "if am2z and am2z._onMainDone then am2z._onMainDone() end\n";
 
 int main(int argc, char **argv)
 {

@@ -165,6 +165,31 @@ describe("QueueRuntime", function()
       stop_proc(w2, "TERM")
     end)
 
+    it("an am2z-lua producer-only script exits by itself once its executions are done (rule 17)", function()
+      local prefix, dir = fresh(), tmpdir()
+      start_worker(prefix, dir)
+      local script = dir .. "/producer.lua"
+      local f = assert(io.open(script, "w"))
+      f:write(([[
+local am2z = require("am2z")
+local rt = am2z.QueueRuntime.new{ redis = { url = %q }, queuePrefix = %q, worker = { enabled = false },
+  logger = am2z.createSilentLogger() }
+rt:registerMany(loadfile(%q)(%q, %q, "lib", %q))
+rt:start()
+print("sync", rt:execute("ch", { n = 1 }).success)
+local h = rt:executeAsync("ch", { n = 2 })
+require("am2z.core").spawn(function() print("async", h:wait().success) return true end, "root", 0, 0, 1)
+-- the main chunk ends here with an execution still running and no stop()
+]]):format(URL, prefix, APP, URL, prefix, dir))
+      f:close()
+      local p = io.popen(("timeout 20 %s %s 2>&1; echo EXIT:$?"):format(AM2Z_LUA, script))
+      local out = p:read("*a")
+      p:close()
+      assert.truthy(out:find("sync\ttrue", 1, true), out)
+      assert.truthy(out:find("async\ttrue", 1, true), out)
+      assert.truthy(out:find("EXIT:0", 1, true), out)
+    end)
+
     it("a chain whose worker is killed -9 mid-step is completed by another process; finished steps do not run again", function()
       local prefix, dir = fresh(), tmpdir()
       local a = start_worker(prefix, dir)

@@ -129,6 +129,18 @@ function am2z.run(fn, opts)
   error("am2z.run: " .. tostring(res or status), 2)
 end
 
+-- am2z-lua calls this when the script's main chunk has returned: a runtime
+-- with nothing to serve (a QueueRuntime without workers) stops once its own
+-- executions are done, so the process can exit (API.md rule 17).
+function am2z._onMainDone()
+  for rt in pairs(runtime._all) do
+    if rt._started and rt._mainDone then
+      local ok, e = pcall(rt._mainDone, rt)
+      if not ok then io.stderr:write("am2z: ", tostring(e), "\n") end
+    end
+  end
+end
+
 -- am2z-lua calls this on SIGINT/SIGTERM: stop every started runtime
 -- gracefully, in an engine coroutine of its own (stopping waits).
 function am2z._onSignal(name)

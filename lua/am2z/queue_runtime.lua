@@ -852,6 +852,21 @@ end
 function QueueRuntime:_topDone()
   LocalRuntime._topDone(self)
   self:_notifyIdle()
+  if self._stopWhenIdle and self._top == 0 then self:_mainDone() end
+end
+
+-- After am2z-lua's main chunk: a producer-only runtime has nothing left to
+-- serve once its executions are done; stopping it lets the process exit.
+-- One with workers keeps running (it serves other producers).
+function QueueRuntime:_mainDone()
+  if self._workerEnabled or not self._started then return end
+  if self._top > 0 then
+    self._stopWhenIdle = true
+    return
+  end
+  self._stopWhenIdle = false
+  local rt = self
+  core.spawn(function() rt:stop() return true, true end, "root", 0, 0, 1)
 end
 
 -- Waits (in an engine coroutine) until nothing of this runtime runs or ms pass.
