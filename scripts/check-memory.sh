@@ -19,7 +19,7 @@ bash scripts/setup.sh >/dev/null
 # Our processes are traced (luajit, am2z-lua, the shells that start them);
 # other programs the specs start (the C compiler, node, redis) are not.
 VG=(valgrind --quiet --trace-children=yes
-    "--trace-children-skip=*/cc,*/gcc*,*/x86_64-linux-gnu-gcc*,*/cc1,*/collect2,*/ld,*/as,*/cmake,*/ctest,*/node,*/npm,*/redis-server,*/redis-cli,*/pkg-config"
+    "--trace-children-skip=*/cc,*/gcc*,*/x86_64-linux-gnu-gcc*,*/cc1,*/collect2,*/ld,*/as,*/cmake,*/ctest,*/node,*/npm,*/redis-server,*/redis-cli,*/pkg-config,*/sed,*/mktemp,*/ls,*/cp,*/rm,*/mkdir,*/cat,*/touch,*/sleep,*/strace,*/luarocks*,*/lua5.*,*/make,*/gmake"
     --leak-check=full --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect
     --error-exitcode=9 --smc-check=all-non-file)
 "${VG[@]}" ./build/test_core || status=1
