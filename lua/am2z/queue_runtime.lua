@@ -377,6 +377,7 @@ function QueueRuntime.new(config)
   self._workers = {}
   self._jobs = {}           -- execution id -> job running here { worker, waits, children }
   self._pending = {}        -- execution id -> processor name, top-level waits of this process
+  self._optsJson = {}
   self._callRemote = QueueRuntime._remoteCall
   if config.stateManager == nil then
     self._stateManager = require("am2z.redis_state").RedisStateManager.new(ropts)
@@ -662,8 +663,15 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
   if not okj then
     aerr = errors.ValidationError("state", nil, "state cannot be encoded as JSON: " .. tostring(data_json))
   else
-    local opts_json = cjson.encode({ attempts = 0, removeOnComplete = keep_c, removeOnFail = keep_f,
-                                     priority = qc and qc.priority or nil })
+    -- One job is one BullMQ attempt (retries run in the worker); the options
+    -- differ only by top level/child and priority, so they are encoded once.
+    local okey = (parent and "c" or "t") .. (qc and qc.priority or 0)
+    local opts_json = self._optsJson[okey]
+    if not opts_json then
+      opts_json = cjson.encode({ attempts = 1, removeOnComplete = keep_c, removeOnFail = keep_f,
+                                 priority = qc and qc.priority or nil })
+      self._optsJson[okey] = opts_json
+    end
     local k = q.keys
     r, aerr = queue._script("addJob"):run(self._conn,
       { k.wait, k.prioritized, k.delayed, k.meta, k.id, k.events, k.marker, k.pc, k.active },
