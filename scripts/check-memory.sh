@@ -33,7 +33,7 @@ trap 'kill $(cat "$tmp/redis.pid" 2>/dev/null) 2>/dev/null; rm -rf "$tmp"' EXIT
 export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
 runner=$(mktemp --suffix=.lua)
 echo "require 'busted.runner'({ standalone = false })" > "$runner"
-AM2Z_TEST_TIMEOUT_MULT=20 AM2Z_BIN="$PWD/build/bin/am2z-lua" \
+AM2Z_UNDER_VALGRIND=1 AM2Z_TEST_TIMEOUT_MULT=20 AM2Z_BIN="$PWD/build/bin/am2z-lua" \
   "${VG[@]}" luajit "$runner" spec || status=1
 rm -f "$runner"
 if [ $status -eq 0 ]; then echo "memory checks: clean"; else echo "memory checks: FAILED"; fi

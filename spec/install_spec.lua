@@ -85,6 +85,8 @@ describe("cmake --install", function()
   it("the rockspec builds and installs with luarocks (cmake backend) into a tree of its own", function()
     local _, has = sh("command -v luarocks")
     if has ~= 0 then pending("luarocks is not installed") return end
+    -- under valgrind every tool luarocks runs would be traced (and it rebuilds all)
+    if os.getenv("AM2Z_UNDER_VALGRIND") then pending("not under valgrind") return end
     local tree = os.tmpname()
     os.remove(tree)
     local out, code = sh(("luarocks --lua-version=5.1 make --tree %s --deps-mode=none am2z-lua-0.1.0-1.rockspec "
