@@ -63,6 +63,7 @@ typedef struct {
     int        cslot;       /* continuation { fn, a1, a2 } in the conts table; 0 when none */
     int        nargs;       /* arguments waiting on co's stack for the first resume */
     int        started;
+    int        xread_results; /* the pending Redis call is an XREAD to filter */
 } lexec_t;
 
 /* Slot numbers for our private tables, recycled through a free stack kept
@@ -330,6 +331,78 @@ static int push_reply_top(lua_State *L, const am2z_reply_t *r)
     return 1;
 }
 
+static int reply_is(const am2z_reply_t *r, const char *s)
+{
+    size_t n = strlen(s);
+    return r && (r->type == AM2Z_REPLY_STRING || r->type == AM2Z_REPLY_STATUS) && r->len == n
+           && memcmp(r->str, s, n) == 0;
+}
+
+/* An XREAD reply, keeping only the entries a QueueRuntime waits for
+ * (completed / failed / cancel events) and only their fields it reads:
+ * { { key, lastId, { { event = , jobId = , returnvalue = , failedReason = ,
+ * am2zError = }, ... } }, ... }. The reader sees every event of every queue;
+ * turning all of them into Lua tables was a good part of its cost. */
+static int push_xread_results(lua_State *L, const am2z_reply_t *r)
+{
+    static const char *const keep[] = { "event", "jobId", "returnvalue", "failedReason",
+                                        "am2zError" };
+    if (r->type != AM2Z_REPLY_ARRAY)
+        return push_reply_top(L, r);
+    lua_checkstack(L, 8);
+    lua_createtable(L, (int) r->elements, 0);
+    for (size_t i = 0; i < r->elements; i++) {
+        const am2z_reply_t *st = r->element[i], *entries;
+        int m = 0;
+        if (st->type != AM2Z_REPLY_ARRAY || st->elements < 2
+            || st->element[1]->type != AM2Z_REPLY_ARRAY)
+            continue;
+        entries = st->element[1];
+        lua_createtable(L, 3, 0);
+        push_reply(L, st->element[0]);
+        lua_rawseti(L, -2, 1);
+        if (entries->elements > 0) {
+            const am2z_reply_t *last = entries->element[entries->elements - 1];
+            if (last->type == AM2Z_REPLY_ARRAY && last->elements > 0) {
+                push_reply(L, last->element[0]);
+                lua_rawseti(L, -2, 2);
+            }
+        }
+        lua_newtable(L);
+        for (size_t j = 0; j < entries->elements; j++) {
+            const am2z_reply_t *e = entries->element[j], *f;
+            int wanted = 0;
+            if (e->type != AM2Z_REPLY_ARRAY || e->elements < 2
+                || e->element[1]->type != AM2Z_REPLY_ARRAY)
+                continue;
+            f = e->element[1];
+            for (size_t k = 0; k + 1 < f->elements; k += 2) {
+                if (reply_is(f->element[k], "event")) {
+                    const am2z_reply_t *v = f->element[k + 1];
+                    wanted = reply_is(v, "completed") || reply_is(v, "failed") || reply_is(v, "cancel");
+                    break;
+                }
+            }
+            if (!wanted)
+                continue;
+            lua_createtable(L, 0, 4);
+            for (size_t k = 0; k + 1 < f->elements; k += 2) {
+                for (size_t q = 0; q < sizeof(keep) / sizeof(keep[0]); q++) {
+                    if (reply_is(f->element[k], keep[q])) {
+                        push_reply(L, f->element[k + 1]);
+                        lua_setfield(L, -2, keep[q]);
+                        break;
+                    }
+                }
+            }
+            lua_rawseti(L, -2, ++m);
+        }
+        lua_rawseti(L, -2, 3);
+        lua_rawseti(L, -2, (int) i + 1);
+    }
+    return 1;
+}
+
 static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
 {
     lua_checkstack(co, 4);
@@ -367,7 +440,12 @@ static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
             lua_pushboolean(co, 1);
             return 1;
         }
-        n = push_reply_top(co, w->payload);
+        if (LX(x)->xread_results) {
+            LX(x)->xread_results = 0;
+            n = push_xread_results(co, w->payload);
+        } else {
+            n = push_reply_top(co, w->payload);
+        }
         am2z_reply_free(w->payload);
         return n;
     }
@@ -1400,6 +1478,19 @@ static int l_redis_call(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* core.redis_xread_results(conn, timeout_ms, "XREAD", ...) -> as redis_call,
+ * with the reply filtered by push_xread_results. */
+static int l_redis_xread_results(lua_State *L)
+{
+    int n = l_redis_call(L);
+    lhost_t *h = HOST(L);
+    /* l_redis_call either yielded (the request is pending) or returned an
+     * error; only a pending request gets the flag. */
+    if (n == -1 && h->current)          /* LuaJIT's lua_yield returns -1 */
+        LX(h->current)->xread_results = 1;
+    return n;
+}
+
 /* core.redis_script(name) -> source | nil */
 static int l_redis_script(lua_State *L)
 {
@@ -1612,6 +1703,7 @@ static const luaL_Reg core_funcs[] = {
     { "redis_new", l_redis_new },
     { "redis_wait_ready", l_redis_wait_ready },
     { "redis_call", l_redis_call },
+    { "redis_xread_results", l_redis_xread_results },
     { "redis_ready", l_redis_ready },
     { "redis_script", l_redis_script },
     { "watch_new", l_watch_new },

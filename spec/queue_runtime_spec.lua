@@ -519,6 +519,23 @@ return defs
       assert.are.same({ execs = 0, timers = 0, threads = 0, results = 0 }, core._debug_counts())
     end)
 
+    it("queue:* listeners get the queues' events (queue:added, queue:completed) with the job id", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      rt:register(P("p"):process(function(s) return Success(s) end))
+      local seen = {}
+      rt:on("queue:added", function(e) seen[#seen + 1] = "added " .. e.jobId end)
+      rt:on("queue:completed", function(e) seen[#seen + 1] = "completed " .. e.jobId end)
+      local eid
+      run(function()
+        rt:start()
+        eid = rt:execute("p", {}).metadata.executionId
+        poll(function() return #seen >= 2 end, 5000, "the events")
+        rt:stop()
+      end)
+      assert.are.same({ "added " .. eid, "completed " .. eid }, seen)
+    end)
+
     -- BullMQ's rule: jobs without a priority come first; among prioritized
     -- ones the lower number first.
     it("withQueueConfig{ priority } is the jobs' BullMQ priority (1 before another producer's 5)", function()

@@ -237,7 +237,15 @@ local function hub_loop(hub)
     local keys, n = hub.keys, #hub.keys
     for i = 1, n do args[6 + i] = keys[i] end
     for i = 1, n do args[6 + n + i] = hub.ids[keys[i]] end
-    local r, e = conn:callTimeout(block + 5000, unpack(args))
+    -- Without queue:* listeners only results matter: the C side drops the
+    -- other events (added, active, waiting, drained, ...) before Lua sees them.
+    local filtered = not hub.allEvents
+    local r, e
+    if filtered then
+      r, e = conn:xreadResults(block + 5000, unpack(args))
+    else
+      r, e = conn:callTimeout(block + 5000, unpack(args))
+    end
     if hub.closing then break end
     if r == nil and e then
       if core.aborted() then break end
@@ -256,7 +264,18 @@ local function hub_loop(hub)
     elseif type(r) == "table" or r == nil then
       hub.downSince = nil
     end
-    if type(r) == "table" then
+    if type(r) == "table" and filtered then
+      for _, s in ipairs(r) do
+        local key = s[1]
+        if s[2] then hub.ids[key] = s[2] end
+        for _, f in ipairs(s[3]) do
+          local ok, perr = pcall(hub._event, hub, key, f)
+          if not ok then
+            rt._logger:error("QueueRuntime: handling an event failed", { error = tostring(perr) })
+          end
+        end
+      end
+    elseif type(r) == "table" then
       for _, s in ipairs(r) do
         local key, entries = s[1], s[2]
         for _, ent in ipairs(entries) do
@@ -421,6 +440,7 @@ function QueueRuntime:_connect()
     self._conn = conn
     self._connectError = nil
     local hub = hub_new(self)
+    hub.allEvents = self._allEvents
     self._hub = hub
     local ctl = self._prefix .. ":control"
     hub.names[ctl] = false
@@ -559,6 +579,16 @@ function QueueRuntime:_ensureQueue(name)
            _errorField = error_field })
   end
   return q
+end
+
+-- queue:* listeners need every event of the streams, not only results.
+function QueueRuntime:on(event, fn)
+  LocalRuntime.on(self, event, fn)
+  if type(event) == "string" and event:sub(1, 6) == "queue:" then
+    self._allEvents = true
+    if self._hub then self._hub.allEvents = true end
+  end
+  return self
 end
 
 -- After a reload: queues and workers for new processors, none for removed.

@@ -163,6 +163,15 @@ function Conn:callTimeout(timeoutMs, ...)
   return r
 end
 
+--- XREAD for QueueRuntime's events reader: only completed/failed/cancel
+--- entries, as { { key, lastId, { { event, jobId, returnvalue,
+--- failedReason, am2zError }, ... } }, ... } (nil on timeout).
+function Conn:xreadResults(timeoutMs, ...)
+  local r, code, msg = core.redis_xread_results(self._c, timeoutMs, ...)
+  if r == nil and code then return nil, error_of(code, msg, "XREAD") end
+  return r
+end
+
 function Conn:isReady()
   return core.redis_ready(self._c)
 end
