@@ -427,7 +427,9 @@ static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
         return push_child(h, co, c);
     }
     case AM2Z_WAKE_EXTERN: {
-        int n;
+        int n, filter = LX(x)->xread_results;
+        /* the flag belongs to this one request, whatever its outcome */
+        LX(x)->xread_results = 0;
         if (w->status != AM2Z_OK) {
             if (w->payload && w->payload_free)
                 w->payload_free(w->payload);
@@ -440,8 +442,7 @@ static int push_wake(lhost_t *h, lua_State *co, am2z_exec_t *x, am2z_wake_t *w)
             lua_pushboolean(co, 1);
             return 1;
         }
-        if (LX(x)->xread_results) {
-            LX(x)->xread_results = 0;
+        if (filter) {
             n = push_xread_results(co, w->payload);
         } else {
             n = push_reply_top(co, w->payload);

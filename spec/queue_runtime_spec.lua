@@ -256,6 +256,22 @@ require("am2z.core").spawn(function() print("async", h:wait().success) return tr
       assert.is_true(elapsed >= 500, "failed after " .. elapsed .. " ms")
       assert.are.equal("CancelledError", aborted)
     end)
+
+    it("an aborted parent's child job is removed once it has ended (nobody reads it)", function()
+      local prefix, dir = fresh(), tmpdir()
+      local rt = producer(prefix, dir, { worker = true })
+      run(function()
+        rt:start()
+        local r = rt:execute("outer_t", {})
+        assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
+        local R = connect()
+        local child = "bull:" .. prefix .. "_slow:" .. r.metadata.executionId .. ".1"
+        poll(function() return R:call("EXISTS", child) == 0 end, 5000, "the child job to be removed")
+        assert.are.equal(0, R:call("ZCARD", "bull:" .. prefix .. "_slow:failed"))
+        R:close()
+        rt:stop()
+      end, 20000)
+    end)
   end)
 
   -------------------------------------------------------------- nesting
@@ -570,6 +586,96 @@ return defs
         rt:stop()
       end)
       assert.are.same({ "first", "urgent", "five" }, order)
+    end)
+  end)
+
+  -------------------------------------------------------------- races
+  describe("races", function()
+    it("cancel right after executeAsync (before the job is enqueued) cancels it", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local ran = false
+      rt:register(P("p"):process(function(s) ran = true return Success(s) end))
+      local r
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("p", {})
+        assert.is_true(h:cancel())
+        r = h:wait()
+        rt:stop()
+      end)
+      assert.is_true(errors.is(r.error, errors.CancelledError), tostring(r.error))
+      assert.is_false(ran)
+    end)
+
+    it("unregister + syncProcessors while a parent waits on its child: the parent still finishes", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local gate = {}
+      rt:register(P("kid"):process(function(s)
+        if not gate.open then
+          gate.w = { (core.current()), 0x7101 }
+          core.wait_host(0x7101)
+        end
+        s.kid = true
+        return Success(s)
+      end))
+      rt:register(P("mom"):process(function(s, ctx) return ctx:call("kid", s) end))
+      local r
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("mom", {})
+        poll(function() return gate.w ~= nil end, 5000, "the child to start")
+        rt:unregister("mom")
+        rt:syncProcessors()      -- closes mom's worker: it must wait for the parent
+        gate.open = true
+        core.complete_host(gate.w[1], gate.w[2])
+        r = h:wait()
+        rt:stop()
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      assert.is_true(r.state.kid)
+    end)
+
+    it("two stop() calls at once both return", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      rt:register(P("nap"):process(function(s, ctx) ctx:sleep(100) return Success(s) end))
+      local done = 0
+      run(function()
+        rt:start()
+        rt:executeAsync("nap", {})
+        local me, token = core.current(), 0x7202
+        for _ = 1, 2 do
+          core.spawn(function()
+            rt:stop{ graceMs = 2000 }
+            done = done + 1
+            if done == 2 then core.complete_host(me, token) end
+            return true
+          end, "root", 0, 0, 1)
+        end
+        core.wait_host(token)
+      end)
+      assert.are.equal(2, done)
+    end)
+
+    it("bad worker options raise at new, not later", function()
+      local ok, e = pcall(am2z.QueueRuntime.new, { worker = { lockDuration = "30s" } })
+      assert.is_false(ok)
+      assert.matches("worker.lockDuration", tostring(e), 1, true)
+      ok, e = pcall(am2z.QueueRuntime.new, { worker = { bogus = 1 } })
+      assert.is_false(ok)
+      assert.matches("worker.bogus", tostring(e), 1, true)
+    end)
+
+    it("execution ids differ between processes started at the same moment", function()
+      local cmd = ("%s -e 'print(require(\"am2z.executor\").newExecutionId())'"):format(AM2Z_LUA)
+      local p = io.popen(("(%s & %s & wait) 2>&1"):format(cmd, cmd))
+      local out = p:read("*a")
+      p:close()
+      local a, b = out:match("(%S+)%s+(%S+)")
+      assert.is_string(a)
+      assert.are_not.equal(a, b)
     end)
   end)
 

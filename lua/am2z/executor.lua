@@ -40,7 +40,20 @@ local M = {}
 -- ------------------------------------------------------------------ ids
 
 local id_seq = 0
-local id_prefix = format("%x%04x", os.time(), floor(random() * 0xffff))
+-- Unique across processes: QueueRuntime uses execution ids as job ids, so two
+-- processes started in the same second must not share a prefix (math.random
+-- is not seeded, and the clock alone is not enough).
+local id_prefix
+do
+  local f = io.open("/dev/urandom", "rb")
+  local b = f and f:read(6)
+  if f then f:close() end
+  if b and #b == 6 then
+    id_prefix = (b:gsub(".", function(c) return format("%02x", c:byte()) end))
+  else
+    id_prefix = format("%x%06x", os.time(), floor((core.now() * 1000) % 0xffffff))
+  end
+end
 
 --- A new execution id; never contains ":" (BullMQ job ids must not).
 function M.newExecutionId()

@@ -146,6 +146,8 @@ end
 function am2z._onSignal(name)
   core.spawn(function()
     for rt in pairs(runtime._all) do
+      -- watched workflow files would keep the loop alive
+      if rt.unwatch then pcall(rt.unwatch, rt) end
       if rt._started then
         local ok, e = pcall(rt.stop, rt)
         if not ok then io.stderr:write("am2z: stopping a runtime failed: ", tostring(e), "\n") end

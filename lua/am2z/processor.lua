@@ -182,10 +182,15 @@ function Builder:process(fn)
 end
 
 function M.definition(kind, name, fn, config, deps, schema)
-  return {
+  local def = {
     name = name, type = kind, fn = fn, config = config, deps = deps,
     stateSchema = schema, _am2z_definition = true,
   }
+  -- While a workflow file runs (am2z.reload), the definitions it creates are
+  -- collected: a reload may only remove what the file itself defined.
+  local c = M._collect
+  if c then c[def] = true end
+  return def
 end
 
 function M.isDefinition(v)

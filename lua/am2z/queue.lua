@@ -546,7 +546,8 @@ function Worker.new(name, processor, opts)
     removeOnFail = normalize_keep(opts.removeOnFail, "Worker.new"),
     _opts = opts, _logger = opts.logger or log.createLogger({ source = "worker:" .. name }),
     _errorField = opts._errorField,
-    _listeners = {}, _active = {}, _running = 0, _closing = false, _uuid = random_id(), _seq = 0,
+    _listeners = {}, _active = {}, _running = 0, _inflight = 0, _closing = false, _uuid = random_id(),
+    _seq = 0,
   }, Worker)
   open_handles[w] = true
   if opts.autorun ~= false then w:run() end
@@ -741,6 +742,7 @@ local function process_job(w, job, token)
     end
   end
   w._running = w._running - 1
+  w._inflight = w._inflight - 1
   if w._wake then
     local x = w._wake
     w._wake = nil
@@ -835,6 +837,7 @@ local function main_loop_body(w)
       elseif job then
         drained_known = false
         w._running = w._running + 1
+        w._inflight = w._inflight + 1
         w._active[job.id] = { token = token }
         if w._keeper then core.lockkeeper_add(w._keeper, w.keys.P .. job.id .. ":lock", token, job.id) end
         core.spawn(process_job, "root", 0, 0, 1, w, job, token)
@@ -894,11 +897,9 @@ end
 -- body ever started).
 local function loop_settled(w)
   w._loopDone = true
-  local x = w._loopWaiter
-  if x then
-    w._loopWaiter = nil
-    core.complete_host(x[1], x[2])
-  end
+  local ws = w._loopWaiters
+  w._loopWaiters = nil
+  for _, x in ipairs(ws or {}) do core.complete_host(x[1], x[2]) end
   return true, true
 end
 
@@ -913,6 +914,17 @@ end
 --- Waits inside an engine coroutine; elsewhere it only starts the close.
 function Worker:close()
   if self._closed then return end
+  if self._closeInProgress then
+    -- Another caller is closing: wait for it to finish (one waker per caller).
+    if core.in_exec() then
+      local token = require("am2z.executor").newToken()
+      self._closeWaiters[#self._closeWaiters + 1] = { (core.current()), token }
+      core.wait_host(token)
+    end
+    return
+  end
+  self._closeInProgress = true
+  self._closeWaiters = {}
   self._closing = true
   -- The loop sees _closing after a fetch; only its waits are cut short.
   if self._loop and not self._fetching then core.cancel(self._loop) end
@@ -920,10 +932,13 @@ function Worker:close()
   if core.in_exec() then
     if self._loop and not self._loopDone then
       local token = require("am2z.executor").newToken()
-      self._loopWaiter = { (core.current()), token }
+      self._loopWaiters = self._loopWaiters or {}
+      self._loopWaiters[#self._loopWaiters + 1] = { (core.current()), token }
       core.wait_host(token)
     end
-    while self._running > 0 do
+    -- In-flight jobs, not slots: a job waiting on children holds no slot
+    -- but still has to finish through this worker's connection.
+    while self._inflight > 0 do
       wait_slot(self)
     end
   end
@@ -932,6 +947,8 @@ function Worker:close()
   if self._keeper then core.lockkeeper_close(self._keeper) end
   self._keeper = nil
   self._closed = true
+  for _, x in ipairs(self._closeWaiters) do core.complete_host(x[1], x[2]) end
+  self._closeWaiters = {}
   self:_emit("closed")
 end
 

@@ -204,6 +204,13 @@ function Hub:_event(key, f)
   elseif ev == "failed" then
     if self.waiters[jid] then self:resolve(jid, failed_result(name, jid, f.failedReason, f[ERROR_FIELD])) end
   end
+  if (ev == "completed" or ev == "failed") and jid and rt._orphans[jid] then
+    rt._orphans[jid] = nil
+    core.spawn(function()
+      rt:_removeChildren({ { name, jid } })
+      return true, true
+    end, "root", 0, 0, 1)
+  end
   local lname = "queue:" .. tostring(ev)
   if rt._listeners[lname] then
     local payload = { queueName = rt._bull .. ":" .. rt._prefix .. "_" .. name, processorName = name,
@@ -373,6 +380,24 @@ function QueueRuntime.new(config)
   if wopts.enabled ~= nil and type(wopts.enabled) ~= "boolean" then
     error(fname .. ": expected worker.enabled to be a boolean, got " .. describe(wopts.enabled), 2)
   end
+  for _, k in ipairs({ "lockDuration", "stalledInterval" }) do
+    local v = wopts[k]
+    if v ~= nil and (type(v) ~= "number" or v <= 0 or v ~= floor(v)) then
+      error(format("%s: expected worker.%s to be a positive integer (ms), got %s", fname, k, describe(v)), 2)
+    end
+  end
+  if wopts.maxStalledCount ~= nil and (type(wopts.maxStalledCount) ~= "number"
+      or wopts.maxStalledCount < 0 or wopts.maxStalledCount ~= floor(wopts.maxStalledCount)) then
+    error(fname .. ": expected worker.maxStalledCount to be an integer >= 0, got "
+      .. describe(wopts.maxStalledCount), 2)
+  end
+  for k in pairs(wopts) do
+    if not ({ concurrency = true, enabled = true, lockDuration = true, stalledInterval = true,
+              maxStalledCount = true })[k] then
+      error(format("%s: unknown option worker.%s (expected concurrency, enabled, lockDuration, "
+        .. "stalledInterval, maxStalledCount)", fname, tostring(k)), 2)
+    end
+  end
   local bull = qopts.prefix == nil and "bull" or qopts.prefix
   if type(bull) ~= "string" or bull == "" then
     error(fname .. ": expected queue.prefix to be a non-empty string, got " .. describe(bull), 2)
@@ -397,6 +422,10 @@ function QueueRuntime.new(config)
   self._jobs = {}           -- execution id -> job running here { worker, waits, children }
   self._pending = {}        -- execution id -> processor name, top-level waits of this process
   self._optsJson = {}
+  self._cancelReq = {}      -- execution id -> when a cancel was asked for
+  self._orphans = {}        -- child job id -> processor: abandoned by an aborted parent
+  self._idleWaiters = {}
+  self._closingWorkers = {}
   self._callRemote = QueueRuntime._remoteCall
   if config.stateManager == nil then
     self._stateManager = require("am2z.redis_state").RedisStateManager.new(ropts)
@@ -427,9 +456,21 @@ local function wake_ready(self)
 end
 
 -- Connects and sets everything up; _connecting stays true until done, so
--- stop() can wait for it.
+-- stop() can wait for it. Whatever happens, waiters are woken.
 function QueueRuntime:_connect()
   self._connecting = true
+  local ok, err = pcall(self._connectBody, self)
+  if not ok then
+    self._connectError = errors.is(err, errors.AM2ZError) and err
+      or errors.ConfigurationError("runtime", "QueueRuntime could not start: " .. tostring(err))
+    self._logger:error("QueueRuntime: start failed", { error = tostring(err) })
+    self._ready = false
+  end
+  self._connecting = false
+  wake_ready(self)
+end
+
+function QueueRuntime:_connectBody()
   local conn, err = redis.connect(self:_connOpts("am2z:runtime"))
   if not conn then
     self._connectError = err
@@ -450,8 +491,6 @@ function QueueRuntime:_connect()
     self._ready = true
     self:syncProcessors()
   end
-  self._connecting = false
-  wake_ready(self)
 end
 
 -- true once connected; nil + NetworkError when Redis cannot be reached.
@@ -505,6 +544,12 @@ local function handle_job(rt, job)
   local cc = type(d.callContext) == "table" and d.callContext or {}
   local depth = tonumber(cc.depth) or 0
   if job._raw and job._raw.am2zCancel then
+    local r = fail_result(name, eid, sid, d.state,
+      errors.CancelledError(format("Processor '%s' was cancelled before it started", name), "cancelled"))
+    return nil, { message = r.error.message, am2zResult = r }
+  end
+  if rt._cancelReq[eid] then
+    rt._cancelReq[eid] = nil
     local r = fail_result(name, eid, sid, d.state,
       errors.CancelledError(format("Processor '%s' was cancelled before it started", name), "cancelled"))
     return nil, { message = r.error.message, am2zResult = r }
@@ -604,15 +649,38 @@ function QueueRuntime:syncProcessors()
   for name, w in pairs(self._workers) do
     if not self._processors[name] then
       self._workers[name] = nil
-      w:close()
+      -- In the background: the close waits for the worker's jobs in flight,
+      -- which may wait on children this caller is about to let through.
+      local closing = self._closingWorkers
+      closing[w] = true
+      core.spawn(function() w:close() closing[w] = nil return true, true end, "root", 0, 0, 1)
     end
   end
   return self
 end
 
+-- Cancellations asked for before this process runs (or enqueues) the
+-- execution: checked when it is enqueued and when a worker takes it.
+function QueueRuntime:_noteCancel(eid)
+  local req = self._cancelReq
+  req[eid] = core.now()
+  self._cancelReqN = (self._cancelReqN or 0) + 1
+  if self._cancelReqN > 1000 then
+    local limit = core.now() - 600000
+    local n = 0
+    for k, t in pairs(req) do
+      if t < limit then req[k] = nil else n = n + 1 end
+    end
+    self._cancelReqN = n
+  end
+end
+
 function QueueRuntime:_cancelLocal(eid)
   local cid = self._active[eid]
-  if not cid then return false end
+  if not cid then
+    self:_noteCancel(eid)
+    return false
+  end
   self._cancelled[eid] = true
   core.cancel(cid)
   return true
@@ -630,7 +698,11 @@ return 0
 
 function QueueRuntime:_broadcastCancel(name, eid)
   local q = self._queues[name]
-  if not (q and self._conn) then return end
+  -- Not enqueued yet: _run sees the request and does not enqueue it.
+  if not (q and self._conn) then
+    self:_noteCancel(eid)
+    return
+  end
   local rt = self
   local function send()
     MARK_CANCEL:run(rt._conn, { q.keys.P .. eid, rt._prefix .. ":control" }, { eid })
@@ -674,6 +746,12 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
     return fail_result(name, eid, sid, state, errors.NetworkError(
       format("cannot execute '%s': %s", name, tostring(err and err.message or err)),
       { cause = tostring(err) }))
+  end
+  if self._cancelReq[eid] then
+    self._cancelReq[eid] = nil
+    return fail_result(name, eid, sid, state,
+      errors.CancelledError(format("Execution of '%s' was cancelled before it was enqueued", name),
+        "cancelled"))
   end
   local q = self:_ensureQueue(name)
   local hub = self._hub
@@ -723,11 +801,18 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
         result = failed_result(name, eid, r[4], r[5])
       end
     else
+      -- A cancel asked for while the add was on its way.
+      if self._cancelReq[eid] then
+        self._cancelReq[eid] = nil
+        self:_broadcastCancel(name, eid)
+      end
       local res, reason = hub:await(eid, w)
       if res then
         result = res
       else
-        -- We were aborted (cancelled, timed out): so is the child.
+        -- We were aborted (cancelled, timed out): so is the child, whose job
+        -- is removed once it ends (nobody will read its result).
+        if parent then self._orphans[eid] = name end
         self:_broadcastCancel(name, eid)
         result = fail_result(name, eid, sid, state, errors.fromCore(reason or "ECANCELED",
           format("Execution of '%s' was interrupted: its caller was aborted", name)))
@@ -880,10 +965,11 @@ local function is_idle(self)
 end
 
 function QueueRuntime:_notifyIdle()
-  local x = self._idleWaiter
-  if x and is_idle(self) then
-    self._idleWaiter = nil
-    core.complete_host(x[1], x[2])
+  local ws = self._idleWaiters
+  if #ws > 0 and is_idle(self) then
+    self._idleWaiters = {}
+  self._closingWorkers = {}
+    for _, x in ipairs(ws) do core.complete_host(x[1], x[2]) end
   end
 end
 
@@ -907,21 +993,22 @@ function QueueRuntime:_mainDone()
   core.spawn(function() rt:stop() return true, true end, "root", 0, 0, 1)
 end
 
--- Waits (in an engine coroutine) until nothing of this runtime runs or ms pass.
+-- Waits (in an engine coroutine) until nothing of this runtime runs or ms
+-- pass. Any number of callers may wait (two stop() calls, stop + disconnect).
 local function wait_idle(self, ms)
   if is_idle(self) or not core.in_exec() or ms <= 0 then return end
-  local me, token = (core.current()), newtoken()
-  self._idleWaiter = { me, token }
-  local watchdog = core.spawn(function(rt, x)
-    if core.sleep(x.ms) and rt._idleWaiter == x.w then
-      rt._idleWaiter = nil
-      core.complete_host(x.w[1], x.w[2])
-    end
+  local w = { (core.current()), newtoken() }
+  local ws = self._idleWaiters
+  ws[#ws + 1] = w
+  local watchdog = core.spawn(function(x, ms_)
+    if core.sleep(ms_) then core.complete_host(x[1], x[2]) end
     return true, true
-  end, "watch", 0, 0, 1, self, { ms = ms, w = self._idleWaiter })
-  core.wait_host(token)
+  end, "watch", 0, 0, 1, w, ms)
+  core.wait_host(w[2])
   core.cancel(watchdog)
-  if self._idleWaiter and self._idleWaiter[2] == token then self._idleWaiter = nil end
+  for i = #self._idleWaiters, 1, -1 do
+    if self._idleWaiters[i] == w then table.remove(self._idleWaiters, i) end
+  end
 end
 
 --- Stops: new executions are refused; what runs here (top-level waits and
@@ -961,6 +1048,11 @@ function QueueRuntime:stop(opts)
   self._ready = false
   for name, w in pairs(self._workers) do
     self._workers[name] = nil
+    w._abandon = true
+    w:close()
+  end
+  -- workers syncProcessors is still closing: a second close waits for it
+  for w in pairs(self._closingWorkers) do
     w._abandon = true
     w:close()
   end

@@ -149,14 +149,28 @@ local function check_session(fname, id)
   end
 end
 
+-- One connection, however many coroutines ask for it first at once.
 function RedisStateManager:_c(fname)
   if self._conn then return self._conn end
   if not core.in_exec() then
     error(format("RedisStateManager:%s: must be called inside an engine coroutine", fname), 3)
   end
+  if self._connecting then
+    local w = { (core.current()), require("am2z.executor").newToken() }
+    self._connWaiters[#self._connWaiters + 1] = w
+    core.wait_host(w[2])
+    if self._conn then return self._conn end
+    error(self._connErr or require("am2z.errors").NetworkError("Redis is not reachable"), 3)
+  end
+  self._connecting = true
+  self._connWaiters = {}
   local c, err = redis.connect(self._opts)
+  self._connecting = false
+  self._conn, self._connErr = c, err
+  local ws = self._connWaiters
+  self._connWaiters = {}
+  for _, w in ipairs(ws) do core.complete_host(w[1], w[2]) end
   if not c then error(err, 3) end
-  self._conn = c
   return c
 end
 

@@ -103,14 +103,18 @@ local function run_file(path)
   -- next version, reads fall through to the real globals.
   local env = setmetatable({}, { __index = _G })
   setfenv(chunk, env)
+  local created = {}
+  local prev = processor._collect
+  processor._collect = created
   local ok, ret = xpcall(chunk, debug.traceback)
+  processor._collect = prev
   if not ok then
     local line, msg = split_error(path, (tostring(ret):match("^[^\n]*")))
     return nil, { line = line, message = "runtime error: " .. msg, traceback = tostring(ret), hash = hash }
   end
   local defs, derr = definitions_of(ret)
   if not defs then return nil, { message = derr, hash = hash } end
-  return { defs = defs, hash = hash }
+  return { defs = defs, hash = hash, created = created }
 end
 
 -- Every definition reachable from defs (their deps), by name.
@@ -144,7 +148,13 @@ end
 function Loader:apply(path, res)
   local rt = self.rt
   local old = self.files[path]
-  local new_names = closure(res.defs)
+  local reach = closure(res.defs)
+  -- What the file owns: the definitions it created (not a host's natives or
+  -- definitions registered elsewhere that it only refers to).
+  local new_names = {}
+  for name, d in pairs(reach) do
+    if res.created[d] and not d.native then new_names[name] = d end
+  end
   local procs = {}
   for k, v in pairs(rt._processors) do procs[k] = v end
   local removed = {}
