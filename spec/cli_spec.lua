@@ -314,6 +314,24 @@ describe("am2z-lua signals", function()
     assert.equal("RESULT true nil", r.out)
   end)
 
+  it("SIGTERM with watched workflow files: the watches close and the program exits", function()
+    local wf = os.tmpname() .. ".lua"
+    local f = assert(io.open(wf, "w"))
+    f:write('return require("am2z").createProcessor("w"):process(function(s) return require("am2z").Success(s) end)')
+    f:close()
+    local path = script(([[
+local am2z = require("am2z")
+local rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger() }
+rt:load(%q, { watch = true })
+rt:start()
+print("READY") io.stdout:flush()
+]]):format(wf))
+    local r = run_signalled(path, "", { "TERM" })
+    os.remove(wf)
+    assert.equal(143, r.code)
+    assert(r.ms < 3000 * MULT, "took " .. tostring(r.ms) .. " ms")
+  end)
+
   it("SIGTERM: an execution outlasting the grace period is cancelled at its deadline", function()
     local r = run_signalled(script(LONG_EXECUTION), "60000", { "TERM" })
     assert.equal(143, r.code)

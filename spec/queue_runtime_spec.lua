@@ -825,6 +825,31 @@ return defs
       end)
     end)
 
+    it("concurrent first use opens one connection, which close() closes", function()
+      local m = sm()
+      local function open_count()
+        local n = 0
+        for _ in pairs(am2z.redis._open) do n = n + 1 end
+        return n
+      end
+      run(function()
+        local before = open_count()
+        local left, me = 3, core.current()
+        for i = 1, 3 do
+          core.spawn(function()
+            m:set("s" .. i, { i = i })
+            left = left - 1
+            if left == 0 then core.complete_host(me, 0x7303) end
+            return true
+          end, "root", 0, 0, 1)
+        end
+        core.wait_host(0x7303)
+        assert.are.equal(before + 1, open_count())
+        m:close()
+        assert.are.equal(before, open_count())
+      end)
+    end)
+
     it("a commit replayed under the same execution id does not bump the version again", function()
       local m = sm()
       run(function()
