@@ -484,6 +484,25 @@ return defs
       end)
     end)
 
+    it("numbers cross Redis exactly (15-17 significant digits, as a JSON round trip keeps them)", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local seen
+      rt:register(P("n"):process(function(s) seen = s.big s.sum = s.a + s.b return Success(s) end))
+      local r
+      run(function()
+        rt:start()
+        r = rt:execute("n", { big = 123456789012345, huge = 2 ^ 53, a = 0.1, b = 0.2, third = 1 / 3 })
+        rt:stop()
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.equal(123456789012345, seen)
+      assert.are.equal(123456789012345, r.state.big)
+      assert.are.equal(2 ^ 53, r.state.huge)
+      assert.are.equal(0.1 + 0.2, r.state.sum)
+      assert.are.equal(1 / 3, r.state.third)
+    end)
+
     it("a failed execution's error comes back as the same class with its fields", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }
@@ -906,6 +925,17 @@ return defs
         assert.are.equal("StateIntegrityError", e.name)
         assert.matches("does not match its hash", e.message, 1, true)
         R:close()
+        m:close()
+      end)
+    end)
+
+    it("keeps numbers exact", function()
+      local m = sm()
+      run(function()
+        m:set("n", { id = 123456789012345, x = 0.1 + 0.2 })
+        local g = m:get("n")
+        assert.are.equal(123456789012345, g.state.id)
+        assert.are.equal(0.1 + 0.2, g.state.x)
         m:close()
       end)
     end)

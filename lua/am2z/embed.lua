@@ -18,6 +18,7 @@ returns nil + message for bad input).
 local am2z = require("am2z")
 local core = require("am2z.core")
 local cjson = require("cjson")
+local json = require("am2z.json")
 local errors = require("am2z.errors")
 local executor = require("am2z.executor")
 
@@ -42,7 +43,7 @@ local function to_plain(v, depth)
 end
 
 local function encode(v)
-  local ok, j = pcall(cjson.encode, to_plain(v))
+  local ok, j = pcall(json.encode, to_plain(v))
   if ok then return j end
   return cjson.encode({ encodeError = tostring(j) })
 end
@@ -135,11 +136,11 @@ end
 -- The body of every native processor.
 local function native_body(def, state, ctx)
   local c = M._c
-  local ok, json = pcall(cjson.encode, state)
-  if not ok then return am2z.Failure(errors.ValidationError("state", nil, tostring(json))) end
+  local ok, sjson = pcall(json.encode, state)
+  if not ok then return am2z.Failure(errors.ValidationError("state", nil, tostring(sjson))) end
   local token = executor.newToken()
   local eid = ctx.meta.executionId
-  local call = c.call_new(def._fnp, def._udp, json, core.current(), token, eid)
+  local call = c.call_new(def._fnp, def._udp, sjson, core.current(), token, eid)
   ctx.signal:onAbort(function() c.call_abort(call) end)
   local status, a, b, retryable = c.call_take(call)
   if status == nil then

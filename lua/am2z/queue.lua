@@ -15,6 +15,7 @@ Must not: block, or talk to hiredis/libuv other than through am2z.redis.
 
 local core = require("am2z.core")
 local cjson = require("cjson")
+local json = require("am2z.json")
 local errors = require("am2z.errors")
 local redis = require("am2z.redis")
 local log = require("am2z.log")
@@ -151,7 +152,7 @@ function Job:updateProgress(p)
   end
   local q = self.queue
   local r, err = script("updateProgress"):run(q:_conn(), { q.keys.P .. self.id, q.keys.events, q.keys.meta },
-    { self.id, cjson.encode(p) })
+    { self.id, json.encode(p) })
   if r == nil then return nil, err end
   if r == -1 then return nil, errors.ValidationError("jobId", self.id, "job " .. self.id .. " does not exist") end
   self.progress = p
@@ -273,7 +274,7 @@ local function prepare_add(name, data, opts, fname)
   end
   normalize_keep(opts.removeOnComplete, fname)
   normalize_keep(opts.removeOnFail, fname)
-  local okd, data_json = pcall(cjson.encode, data == nil and {} or data)
+  local okd, data_json = pcall(json.encode, data == nil and {} or data)
   if not okd then
     error(format("%s: job data cannot be encoded as JSON: %s", fname, tostring(data_json)), 3)
   end
@@ -662,7 +663,7 @@ local function run_one(w, job, token)
   end
   local now = string.format("%d", floor(wall_ms()))
   if not failure then
-    local okj, rv = pcall(cjson.encode, result == nil and json_null or result)
+    local okj, rv = pcall(json.encode, result == nil and json_null or result)
     if not okj then
       failure = { value = "return value cannot be encoded as JSON: " .. tostring(rv) }
     else

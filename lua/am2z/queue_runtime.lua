@@ -27,6 +27,7 @@ waiting on a child.
 
 local core = require("am2z.core")
 local cjson = require("cjson")
+local json = require("am2z.json")
 local errors = require("am2z.errors")
 local log = require("am2z.log")
 local executor = require("am2z.executor")
@@ -97,16 +98,16 @@ end
 local function error_field(v)
   if type(v) == "table" and v.am2zResult then
     local r = v.am2zResult
-    local ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(r.error),
+    local ok, j = pcall(json.encode, { success = false, error = errors.serialize(r.error),
       state = r.state, executionTime = r.executionTime, metadata = r.metadata })
     if not ok then
-      ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(r.error),
+      ok, j = pcall(json.encode, { success = false, error = errors.serialize(r.error),
         executionTime = r.executionTime, metadata = r.metadata })
     end
     if ok then return ERROR_FIELD, j end
     return nil
   end
-  local ok, j = pcall(cjson.encode, { success = false, error = errors.serialize(v) })
+  local ok, j = pcall(json.encode, { success = false, error = errors.serialize(v) })
   if ok then return ERROR_FIELD, j end
   return nil
 end
@@ -766,7 +767,7 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
   local qc = def.config.queueConfig
   local data = { processorName = name, state = input, sessionId = sid, executionId = eid,
                  callContext = { depth = depth, parentExecutionId = parent } }
-  local okj, data_json = pcall(cjson.encode, data)
+  local okj, data_json = pcall(json.encode, data)
   local r, aerr
   if not okj then
     aerr = errors.ValidationError("state", nil, "state cannot be encoded as JSON: " .. tostring(data_json))

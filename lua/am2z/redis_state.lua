@@ -25,6 +25,7 @@ local type, pairs, ipairs, tostring, tonumber, error, setmetatable =
   type, pairs, ipairs, tostring, tonumber, error, setmetatable
 local format, concat, sort = string.format, table.concat, table.sort
 local encode = cjson.encode
+local json_number = require("am2z.json").number
 
 local M = {}
 
@@ -70,6 +71,8 @@ canon = function(v, out)
       end
       out[#out + 1] = "}"
     end
+  elseif type(v) == "number" then
+    out[#out + 1] = json_number(v)   -- exact (cjson alone keeps 14 digits)
   else
     out[#out + 1] = encode(v)
   end
