@@ -656,6 +656,81 @@ return defs
       assert.is_true(r.state.kid)
     end)
 
+    it("a worker runtime's stop takes no new jobs during the grace and fails none; another worker finishes them", function()
+      local prefix = fresh()
+      local function nap() return P("nap"):process(function(s, ctx) ctx:sleep(60) return Success(s) end) end
+      local producer_rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { enabled = false } }
+      producer_rt:register(nap())
+      local w1 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { concurrency = 3 } }
+      w1:register(nap())
+      local w2 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { concurrency = 3 } }
+      w2:register(nap())
+      local results, counts, before = {}, nil, nil
+      run(function()
+        w1:start()
+        producer_rt:start()
+        local hs = {}
+        for i = 1, 30 do hs[i] = producer_rt:executeAsync("nap", { i = i }) end
+        local q = producer_rt:getQueues()[1]
+        poll(function() return q:getJobCounts().completed >= 3 end, 5000, "some jobs to complete")
+        before = q:getJobCounts().completed
+        w1:stop{ graceMs = 1000 }        -- its 3 in flight finish; it takes no more
+        counts = q:getJobCounts()
+        w2:start()
+        for i, h in ipairs(hs) do results[i] = h:wait() end
+        w2:stop()
+        producer_rt:stop()
+      end, 20000)
+      assert.are.equal(0, counts.failed)
+      assert.are.equal(0, counts.active)
+      assert.are.equal(30, counts.completed + counts.waiting)
+      -- at most the 3 it was running when the stop began
+      assert.is_true(counts.completed <= before + 3, ("completed %d before the stop, %d after")
+        :format(before, counts.completed))
+      for i = 1, 30 do assert.is_true(results[i].success, tostring(results[i].error)) end
+    end)
+
+    it("a job another producer waits for, cut off by a worker's stop deadline, goes back and completes elsewhere", function()
+      local prefix = fresh()
+      local runs = 0
+      local function long()
+        return P("long"):process(function(s, ctx)
+          runs = runs + 1
+          if not ctx:sleep(300) then return Failure(ctx.signal.reason) end
+          return Success(s)
+        end)
+      end
+      local producer_rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { enabled = false } }
+      producer_rt:register(long())
+      local w1 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      w1:register(long())
+      local w2 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      w2:register(long())
+      local r, counts
+      run(function()
+        w1:start()
+        producer_rt:start()
+        local h = producer_rt:executeAsync("long", {})
+        poll(function() return runs == 1 end, 5000, "the job to start")
+        w1:stop{ graceMs = 50 }
+        counts = producer_rt:getQueues()[1]:getJobCounts()
+        w2:start()
+        r = h:wait()
+        w2:stop()
+        producer_rt:stop()
+      end, 20000)
+      assert.are.equal(0, counts.failed)
+      assert.are.equal(1, counts.waiting)
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.equal(2, runs)
+    end)
+
     it("two stop() calls at once both return", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }

@@ -641,9 +641,27 @@ local function next_job(w, r)
 end
 
 -- Runs one job; returns the next one when the finishing script fetched it.
+-- Gives a job back to the front of wait, unprocessed and unlocked.
+local function release_job(w, job, token)
+  local k = w.keys
+  script("releaseJob"):run(w._conn, { k.active, k.wait, k.stalled, k.marker, k.events, k.meta,
+    k.prioritized }, { k.P, job.id, token })
+  w._releasedAt = core.now()
+end
+
+--- A processor returning this gives its job back to the queue (for another
+--- worker) instead of completing or failing it.
+M.RELEASE = setmetatable({}, { __tostring = function() return "am2z.queue.RELEASE" end })
+
 local function run_one(w, job, token)
   local k = w.keys
   local nxt
+  -- A worker that is draining (QueueRuntime's stop) takes only the jobs it
+  -- still has to run; the others go back for other workers.
+  if w._accept and not w._accept(job) then
+    release_job(w, job, token)
+    return nil
+  end
   w:_emit("active", job, "waiting")
   local ok, result, perr
   if job._defa or job._badData then
@@ -654,6 +672,10 @@ local function run_one(w, job, token)
     ok, result, perr = xpcall(w.processor, function(e)
       return { value = e, tb = debug.traceback(tostring(type(e) == "table" and (e.message or e) or e), 2) }
     end, job)
+  end
+  if ok and result == M.RELEASE then
+    release_job(w, job, token)
+    return nil
   end
   local failure
   if ok and perr ~= nil then
@@ -820,6 +842,10 @@ local function main_loop_body(w)
   while not w._closing do
     if w._running >= w.concurrency then
       wait_slot(w)
+    elseif w._releasedAt and core.now() - w._releasedAt < 100 then
+      -- just gave a job back: do not take it again at once
+      if not core.sleep(100 - (core.now() - w._releasedAt)) then break end
+      w._releasedAt = nil
     else
       -- Not cancellable: a fetch cut short after Redis made a job active
       -- would leave that job locked and unprocessed until a stall check.

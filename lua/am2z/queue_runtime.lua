@@ -562,6 +562,14 @@ local function handle_job(rt, job)
   rt._jobs[eid] = nil
   rt:_notifyIdle()
   if r.success then return r end
+  -- Cut off by this process's stop(): a job another producer waits for goes
+  -- back to its queue for another worker (its finished children are found
+  -- again by their ids), rather than failing.
+  local parent = cc.parentExecutionId
+  if rt._stopping and errors.is(r.error, errors.CancelledError) and not rt._pending[eid]
+      and not (parent and rt._jobs[parent]) then
+    return queue.RELEASE
+  end
   local e = r.error
   return nil, { message = (type(e) == "table" and e.message) or tostring(e), am2zResult = r }
 end
@@ -1027,6 +1035,17 @@ function QueueRuntime:stop(opts)
   end
   if not self._started and not self._conn and not self._connecting then return self end
   self._started = false
+  -- Draining: workers keep taking what this process still has to run (its
+  -- own executions, children of jobs running here) and give the rest back.
+  local rt = self
+  local function accept(job)
+    local d = job.data
+    if type(d) ~= "table" then return false end
+    local eid = type(d.executionId) == "string" and d.executionId or job.id
+    local parent = type(d.callContext) == "table" and d.callContext.parentExecutionId
+    return rt._pending[eid] ~= nil or (parent ~= nil and rt._jobs[parent] ~= nil)
+  end
+  for _, w in pairs(self._workers) do w._accept = accept end
   if self._connecting and core.in_exec() then
     -- Let the connect finish; it sees the runtime stopped and closes.
     local token = newtoken()
@@ -1036,7 +1055,9 @@ function QueueRuntime:stop(opts)
   end
   wait_idle(self, grace)
   -- The deadline: cancel what still runs here; whoever still waits on a
-  -- job gets a CancelledError result from the closing hub.
+  -- job gets a CancelledError result from the closing hub. Jobs of other
+  -- producers go back to their queue instead of failing (handle_job).
+  self._stopping = true
   for eid, cid in pairs(self._active) do
     self._cancelled[eid] = true
     core.cancel(cid)
@@ -1058,6 +1079,7 @@ function QueueRuntime:stop(opts)
     w:close()
   end
   self._queues = {}
+  self._stopping = false
   if self._conn then self._conn:close() end
   self._conn = nil
   -- The default state store's own connection reopens on next use.
