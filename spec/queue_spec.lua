@@ -13,7 +13,7 @@ local URL = os.getenv("AM2Z_TEST_REDIS_URL")
 local MULT = tonumber(os.getenv("AM2Z_TEST_TIMEOUT_MULT")) or 1
 local silent = am2z.createSilentLogger()
 local CONN = { url = URL, logger = silent }
-local AM2Z_LUA = "./build/bin/am2z-lua"
+local AM2Z_LUA = os.getenv("AM2Z_BIN") or "./build/bin/am2z-lua"
 
 local function run(fn, ms) return am2z.run(fn, { timeoutMs = (ms or 8000) * MULT }) end
 
