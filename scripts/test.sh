@@ -37,20 +37,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# ---- C unit tests
-if [ ${#SPECS[@]} -eq 0 ]; then
-  (cd "$BUILD_DIR" && ctest --output-on-failure) | tee "$tmp/ctest.log"
-  line=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$tmp/ctest.log" | tail -1)
-  if [ -n "$line" ]; then
-    total=$(echo "$line" | sed -E 's/.*out of ([0-9]+).*/\1/')
-    nf=$(echo "$line" | sed -E 's/.* ([0-9]+) tests failed.*/\1/')
-    passed=$((passed + total - nf))
-    failed=$((failed + nf))
-  else
-    failed=$((failed + 1))
-  fi
-fi
-
 # ---- throwaway redis-server on a free loopback port
 port=$(luajit -e 'math.randomseed(os.time()) print(20000 + math.random(0, 20000))')
 for _ in 1 2 3 4 5; do
@@ -66,6 +52,20 @@ if command -v redis-server >/dev/null; then
     sleep 0.1
   done
   export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+fi
+
+# ---- C unit tests
+if [ ${#SPECS[@]} -eq 0 ]; then
+  (cd "$BUILD_DIR" && ctest --output-on-failure) | tee "$tmp/ctest.log"
+  line=$(grep -E "tests passed, [0-9]+ tests failed out of [0-9]+" "$tmp/ctest.log" | tail -1)
+  if [ -n "$line" ]; then
+    total=$(echo "$line" | sed -E 's/.*out of ([0-9]+).*/\1/')
+    nf=$(echo "$line" | sed -E 's/.* ([0-9]+) tests failed.*/\1/')
+    passed=$((passed + total - nf))
+    failed=$((failed + nf))
+  else
+    failed=$((failed + 1))
+  fi
 fi
 
 # ---- Node peers for the BullMQ interop specs (bullmq pinned in

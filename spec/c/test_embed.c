@@ -240,8 +240,50 @@ int main(void)
     am2z_host_run(h, UV_RUN_DEFAULT);
     am2z_host_free(h);
     free(r.json);
+    r.json = NULL;
     unlink(path);
     rmdir(dir);
+
+    /* ---- the same through QueueRuntime, when the suite's Redis is there:
+     * a Lua-C-Lua chain where every step is a job */
+    {
+        const char *url = getenv("AM2Z_TEST_REDIS_URL");
+        if (url && *url) {
+            char prefix[64];
+            snprintf(prefix, sizeof(prefix), "embed%ld", (long) getpid());
+            CHECK(mkdtemp(strcpy(dir, "/tmp/am2z-embed-test-XXXXXX")) != NULL, "mkdtemp");
+            snprintf(path, sizeof(path), "%s/flow.lua", dir);
+            write_file(path,
+                "local am2z = require('am2z')\n"
+                "local embed = require('am2z.embed')\n"
+                "local inc = am2z.createProcessor('inc'):process(function(s) s.n = s.n + 1 return am2z.Success(s) end)\n"
+                "return { inc, am2z.chainProcessors{ name = 'mixed', processors = { inc, embed.native('double'), inc } } }\n");
+            memset(&o, 0, sizeof(o));
+            o.log_level = "silent";
+            o.redis_url = url;
+            o.queue_prefix = prefix;
+            rc = am2z_host_new(&o, &h);
+            CHECK(rc == AM2Z_OK, "queue host: %s", am2z_host_error(h));
+            CHECK(am2z_host_register_native(h, "double", double_fn, NULL, 0) == AM2Z_OK, "%s", am2z_host_error(h));
+            CHECK(am2z_host_load(h, path, 0) == AM2Z_OK, "%s", am2z_host_error(h));
+            CHECK(am2z_host_start(h) == AM2Z_OK, "%s", am2z_host_error(h));
+            r.n = 0;
+            CHECK(am2z_host_execute(h, "mixed", "{\"n\":1}", NULL, on_result, &r, NULL) == AM2Z_OK,
+                  "%s", am2z_host_error(h));
+            run_until(h, &r.n, 1);
+            CHECK(r.n == 1 && r.ok && r.json && strstr(r.json, "\"n\":5"), "queue mixed: %s",
+                  r.json ? r.json : "(none)");
+            CHECK(am2z_host_stop(h, 1000) == AM2Z_OK, "stop");
+            am2z_host_run(h, UV_RUN_DEFAULT);
+            am2z_host_free(h);
+            free(r.json);
+            r.json = NULL;
+            unlink(path);
+            rmdir(dir);
+        } else {
+            printf("QueueRuntime part skipped: AM2Z_TEST_REDIS_URL is not set\n");
+        }
+    }
 
     printf("%d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
