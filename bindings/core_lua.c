@@ -1434,7 +1434,14 @@ static int l_redis_wait_ready(lua_State *L)
 
 /* core.redis_call(conn, timeout_ms, cmd, args...) -> reply | nil, code, message
  * Arguments are strings or numbers; the reply converts as push_reply says. */
+static int redis_call_flags(lua_State *L, int flags);
+
 static int l_redis_call(lua_State *L)
+{
+    return redis_call_flags(L, 0);
+}
+
+static int redis_call_flags(lua_State *L, int flags)
 {
     lhost_t *h = HOST(L);
     lredis_t *c = check_redis(L, 1);
@@ -1469,7 +1476,7 @@ static int l_redis_call(lua_State *L)
     }
     for (int i = 0; i < argc; i++)
         argv[i] = lua_tolstring(L, 3 + i, &lens[i]);  /* numbers become strings in place */
-    rc = am2z_redis_command(c->r, x, (uint32_t) tmo, argc, argv, lens);
+    rc = am2z_redis_command_ex(c->r, x, (uint32_t) tmo, argc, argv, lens, flags);
     if (argv != argv_s) {
         free(argv);
         free(lens);
@@ -1483,7 +1490,7 @@ static int l_redis_call(lua_State *L)
  * with the reply filtered by push_xread_results. */
 static int l_redis_xread_results(lua_State *L)
 {
-    int n = l_redis_call(L);
+    int n = redis_call_flags(L, AM2Z_REDIS_XREAD_RESULTS);
     lhost_t *h = HOST(L);
     /* l_redis_call either yielded (the request is pending) or returned an
      * error; only a pending request gets the flag. */

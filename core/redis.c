@@ -47,6 +47,7 @@ typedef struct {
     am2z_exec_t   *exec;           /* borrowed; NULL once detached or completed */
     uint64_t       gen;
     am2z_timer_t   timer;          /* the command's own deadline */
+    int            flags;          /* AM2Z_REDIS_* */
 } rreq_t;
 
 struct am2z_redis_s {
@@ -526,6 +527,119 @@ static void rreq_timeout_cb(am2z_timer_t *t)
         am2z_exec_complete_extern(x, q->gen, AM2Z_ETIMEDOUT, NULL, NULL);
 }
 
+/* ---- XREAD replies reduced to results ----------------------------------- */
+
+static int rstr_is(const redisReply *r, const char *s)
+{
+    size_t n = strlen(s);
+    return r && (r->type == REDIS_REPLY_STRING || r->type == REDIS_REPLY_STATUS) && r->len == n
+           && memcmp(r->str, s, n) == 0;
+}
+
+static int entry_wanted(const redisReply *e)
+{
+    const redisReply *f;
+    if (e->type != REDIS_REPLY_ARRAY || e->elements < 2)
+        return 0;
+    f = e->element[1];
+    if (f->type != REDIS_REPLY_ARRAY)
+        return 0;
+    for (size_t k = 0; k + 1 < f->elements; k += 2) {
+        if (rstr_is(f->element[k], "event")) {
+            const redisReply *v = f->element[k + 1];
+            return rstr_is(v, "completed") || rstr_is(v, "failed") || rstr_is(v, "cancel");
+        }
+    }
+    return 0;
+}
+
+/* An XREAD reply with only the completed/failed/cancel entries of each
+ * stream, plus its last entry's id (as an entry without fields) so the
+ * reader's cursor still moves: copying every event of every queue into our
+ * own reply (an allocation per element) was most of the reader's cost. */
+static am2z_reply_t *xread_results_dup(const redisReply *src)
+{
+    am2z_reply_t *out;
+    if (src->type != REDIS_REPLY_ARRAY)
+        return reply_dup(src);
+    out = calloc(1, sizeof(*out));
+    if (out == NULL)
+        return NULL;
+    out->type = AM2Z_REPLY_ARRAY;
+    if (src->elements == 0)
+        return out;
+    out->element = calloc(src->elements, sizeof(*out->element));
+    if (out->element == NULL)
+        goto fail;
+    out->elements = src->elements;
+    for (size_t i = 0; i < src->elements; i++) {
+        const redisReply *s = src->element[i], *entries;
+        am2z_reply_t *st, *kept;
+        size_t n = 0, want = 0;
+        if (s->type != REDIS_REPLY_ARRAY || s->elements < 2 || s->element[1]->type != REDIS_REPLY_ARRAY) {
+            if ((out->element[i] = reply_dup(s)) == NULL)
+                goto fail;
+            continue;
+        }
+        entries = s->element[1];
+        for (size_t j = 0; j < entries->elements; j++)
+            want += entry_wanted(entries->element[j]);
+        st = out->element[i] = calloc(1, sizeof(*st));
+        if (st == NULL)
+            goto fail;
+        st->type = AM2Z_REPLY_ARRAY;
+        st->element = calloc(2, sizeof(*st->element));
+        if (st->element == NULL)
+            goto fail;
+        st->elements = 2;
+        if ((st->element[0] = reply_dup(s->element[0])) == NULL)
+            goto fail;
+        kept = st->element[1] = calloc(1, sizeof(*kept));
+        if (kept == NULL)
+            goto fail;
+        kept->type = AM2Z_REPLY_ARRAY;
+        if (entries->elements == 0)
+            continue;
+        kept->element = calloc(want + 1, sizeof(*kept->element));
+        if (kept->element == NULL)
+            goto fail;
+        for (size_t j = 0; j < entries->elements; j++) {
+            const redisReply *e = entries->element[j];
+            am2z_reply_t *c;
+            if (entry_wanted(e)) {
+                c = reply_dup(e);
+            } else if (j + 1 == entries->elements && e->type == REDIS_REPLY_ARRAY && e->elements > 0) {
+                c = calloc(1, sizeof(*c));        /* the cursor: { id, {} } */
+                if (c) {
+                    c->type = AM2Z_REPLY_ARRAY;
+                    c->element = calloc(2, sizeof(*c->element));
+                    if (c->element) {
+                        c->elements = 2;
+                        c->element[0] = reply_dup(e->element[0]);
+                        c->element[1] = calloc(1, sizeof(*c->element[1]));
+                        if (c->element[1])
+                            c->element[1]->type = AM2Z_REPLY_ARRAY;
+                    }
+                    if (!c->element || !c->element[0] || !c->element[1]) {
+                        am2z_reply_free(c);
+                        c = NULL;
+                    }
+                }
+            } else {
+                continue;
+            }
+            if (c == NULL)
+                goto fail;
+            kept->element[n++] = c;
+            kept->elements = n;
+        }
+    }
+    return out;
+fail:
+    am2z_reply_free(out);
+    return NULL;
+}
+
 static void reply_cb(redisAsyncContext *ac, void *reply, void *priv)
 {
     rreq_t *q = priv;
@@ -534,7 +648,9 @@ static void reply_cb(redisAsyncContext *ac, void *reply, void *priv)
     am2z__timer_stop(r->e, &q->timer);
     if (q->exec) {
         am2z_exec_t *x = q->exec;
-        am2z_reply_t *copy = reply ? reply_dup(reply) : NULL;
+        am2z_reply_t *copy = reply == NULL ? NULL
+                             : (q->flags & AM2Z_REDIS_XREAD_RESULTS) ? xread_results_dup(reply)
+                             : reply_dup(reply);
         int status = reply == NULL ? AM2Z_ECONNRESET : (copy ? AM2Z_OK : AM2Z_ENOMEM);
         q->exec = NULL;
         am2z_exec_complete_extern(x, q->gen, status, copy, am2z_reply_free);
@@ -546,6 +662,12 @@ static void reply_cb(redisAsyncContext *ac, void *reply, void *priv)
 
 int am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
                        int argc, const char **argv, const size_t *argvlen)
+{
+    return am2z_redis_command_ex(r, x, timeout_ms, argc, argv, argvlen, 0);
+}
+
+int am2z_redis_command_ex(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
+                          int argc, const char **argv, const size_t *argvlen, int flags)
 {
     rreq_t *q;
     int rc;
@@ -559,6 +681,7 @@ int am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
     if (q == NULL)
         return AM2Z_ENOMEM;
     q->r = r;
+    q->flags = flags;
     q->timer.heap_idx = UINT32_MAX;
     rc = am2z_exec_wait_extern(x, q, rreq_detach, &q->gen);
     if (rc != AM2Z_OK) {

@@ -283,6 +283,12 @@ int  am2z_redis_wait_ready(am2z_redis_t *r, am2z_exec_t *x);
  * are pipelined on the one connection. AM2Z_ENOTCONN when not connected. */
 int  am2z_redis_command(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
                         int argc, const char **argv, const size_t *argvlen);
+/* With AM2Z_REDIS_XREAD_RESULTS, an XREAD's reply keeps, per stream, only
+ * the entries whose "event" is completed, failed or cancel, plus its last
+ * entry as { id, {} } (QueueRuntime's events reader). */
+enum { AM2Z_REDIS_XREAD_RESULTS = 1 };
+int  am2z_redis_command_ex(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
+                           int argc, const char **argv, const size_t *argvlen, int flags);
 
 /* ---- lock keeper: job-lock renewal on a thread of its own --------------
  * Renews every registered lock (SET PX when still held with its token)

@@ -25,6 +25,7 @@ local floor, random = math.floor, math.random
 local traceback = debug.traceback
 
 local copy_state = statem.copy
+local check_state = statem.check
 local bump = statem._bump
 local spawn, wait, now = core.spawn, core.wait, core.now
 local subscribers = core.subscribers
@@ -317,9 +318,11 @@ end
 
 local function finish(rt, result, def, name, eid, sid, attempt, t0, startedAt)
   local t1 = now()
-  result.executionTime = t1 - t0
+  -- Microseconds and whole milliseconds: more digits mean nothing, and they
+  -- would make every result take the slow path of am2z.json (QueueRuntime).
+  result.executionTime = floor((t1 - t0) * 1000 + 0.5) / 1000
   result.metadata = { processorName = name, executionId = eid, sessionId = sid,
-                      attempt = attempt, startedAt = startedAt,
+                      attempt = attempt, startedAt = floor(startedAt),
                       codeHash = def and def._codeHash or nil }
   local stats = rt._stats
   if result.success then
@@ -347,7 +350,9 @@ end
 
 -- Checks that happen before any attempt. Returns def, input, or nil and a
 -- finished failed result.
-local function precheck(rt, name, state, sid, depth, eid, t0, startedAt, procs)
+-- nocopy: the state is only checked, not copied: the caller only encodes it
+-- (QueueRuntime's producer side).
+local function precheck(rt, name, state, sid, depth, eid, t0, startedAt, procs, nocopy)
   local def = (procs or rt._processors)[name]
   if def == nil then
     return nil, finish(rt, failed(errors.ProcessorNotFoundError(name, rt:getRegisteredProcessorNames()),
@@ -358,7 +363,14 @@ local function precheck(rt, name, state, sid, depth, eid, t0, startedAt, procs)
       format("Call depth %d exceeds the maximum of %d (calling '%s')", depth, rt._maxCallDepth, name),
       rt._maxCallDepth, depth), state), def, name, eid, sid, 1, t0, startedAt)
   end
-  local input, msg, path = copy_state(state)
+  local input, msg, path
+  if nocopy then
+    local ok
+    ok, msg, path = check_state(state)
+    input = ok and state or nil
+  else
+    input, msg, path = copy_state(state)
+  end
   if input == nil then
     return nil, finish(rt, failed(errors.ValidationError(path, nil, msg), state),
       def, name, eid, sid, 1, t0, startedAt)

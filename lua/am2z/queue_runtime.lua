@@ -748,7 +748,9 @@ end
 -- the calling execution's id (nil: top level).
 function QueueRuntime:_run(name, state, sid, depth, eid, parent)
   local t0 = core.now()
-  local def, input = executor.precheck(self, name, state, sid, depth, eid, t0, t0 + executor.wallOffset)
+  -- Checked, not copied: the state is only encoded here.
+  local def, input = executor.precheck(self, name, state, sid, depth, eid, t0, t0 + executor.wallOffset,
+    nil, true)
   if def == nil then return input end
   local ok, err = self:_whenReady()
   if not ok then
