@@ -226,4 +226,41 @@ describe("BullMQ interop #redis #interop", function()
       q:close()
     end)
   end)
+
+  -- QueueRuntime's queues are ordinary BullMQ queues: Node's Queue and Bull
+  -- Board read an am2z execution's job (data, return value) and a failure.
+  describe("QueueRuntime jobs seen from Node", function()
+    it("BullMQ's Queue reads an execution's job: data, return value, failedReason", function()
+      if not (have_node and URL) then pending("needs node + bullmq and the suite's redis") return end
+      local prefix = "irt" .. os.time() .. math.random(1000, 9999)
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      rt:register(am2z.createProcessor("greet"):process(function(s)
+        if s.fail then return am2z.Failure(errors.BusinessError("NOPE", "refused")) end
+        s.greeting = "hi " .. s.who
+        return am2z.Success(s)
+      end))
+      local ok_r, bad_r
+      run(function()
+        rt:start()
+        ok_r = rt:execute("greet", { who = "node" })
+        bad_r = rt:execute("greet", { who = "x", fail = true })
+        rt:stop()
+      end)
+      local seen = node("inspect.js", URL, prefix .. "_greet", ok_r.metadata.executionId,
+        bad_r.metadata.executionId)
+      assert.are.equal(1, seen.counts.completed)
+      assert.are.equal(1, seen.counts.failed)
+      local okj = seen.jobs[ok_r.metadata.executionId]
+      assert.are.equal("greet", okj.name)
+      assert.are.equal("completed", okj.state)
+      assert.are.equal("greet", okj.data.processorName)
+      assert.are.equal(ok_r.metadata.executionId, okj.data.executionId)
+      assert.is_true(okj.returnvalue.success)
+      assert.are.equal("hi node", okj.returnvalue.state.greeting)
+      local badj = seen.jobs[bad_r.metadata.executionId]
+      assert.are.equal("failed", badj.state)
+      assert.are.equal("refused", badj.failedReason)
+    end)
+  end)
 end)
