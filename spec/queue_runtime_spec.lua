@@ -554,6 +554,40 @@ return defs
       assert.are.same({ execs = 0, timers = 0, threads = 0, results = 0 }, core._debug_counts())
     end)
 
+    it("withQueueConfig{ rateLimitRpm } limits the processor's jobs per minute (the third of 2/min waits)", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { concurrency = 5 } }
+      rt:register(P("lim"):withQueueConfig{ rateLimitRpm = 2 }:process(function(s) return Success(s) end))
+      local done, counts, ttl = 0, nil, nil
+      run(function()
+        rt:start()
+        local hs = {}
+        for i = 1, 3 do hs[i] = rt:executeAsync("lim", { i = i }) end
+        local me = core.current()
+        for i = 1, 3 do
+          core.spawn(function()
+            hs[i]:wait()
+            done = done + 1
+            if done == 2 then core.complete_host(me, 0x7404) end
+            return true
+          end, "root", 0, 0, 1)
+        end
+        core.wait_host(0x7404)
+        local q = rt:getQueues()[1]
+        poll(function() return q:getJobCounts().waiting == 1 end, 5000, "the third job to be queued")
+        counts = q:getJobCounts()
+        local R = connect()
+        ttl = R:call("PTTL", "bull:" .. prefix .. "_lim:limiter")
+        R:close()
+        rt:stop{ graceMs = 0 }
+      end)
+      assert.are.equal(2, counts.completed)
+      assert.are.equal(1, counts.waiting)
+      assert.are.equal(0, counts.active)
+      assert.is_true(ttl > 1000 and ttl <= 60000, "limiter PTTL " .. tostring(ttl))
+    end)
+
     it("queue:* listeners get the queues' events (queue:added, queue:completed) with the job id", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }
