@@ -429,6 +429,65 @@ return defs
     end)
   end)
 
+  describe("hot reload pinning", function()
+    it("a chain running in this process finishes its later steps on the code it started with", function()
+      local dir = tmpdir()
+      local wf = dir .. "/chain.lua"
+      local function write(v)
+        local f = assert(io.open(wf, "w"))
+        f:write(([[
+local am2z = require("am2z")
+local gate = require("qr_pin_gate")
+local hold = am2z.createProcessor("hold"):process(function(s)
+  if s.wait then gate.wait() end
+  s.trail = { "hold-v%d" }
+  return am2z.Success(s)
+end)
+local stamp = am2z.createProcessor("stamp"):process(function(s)
+  s.trail[#s.trail + 1] = "stamp-v%d"
+  return am2z.Success(s)
+end)
+return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
+]]):format(v, v))
+        f:close()
+      end
+      local gate = { waiters = {} }
+      function gate.wait()
+        if gate.open then return end
+        local me, token = (core.current()), 0x7505
+        gate.waiters[#gate.waiters + 1] = { me, token }
+        gate.started = true
+        core.wait_host(token)
+      end
+      package.loaded.qr_pin_gate = gate
+      write(1)
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local reloaded
+      rt:on("reload:succeeded", function() reloaded = true end)
+      local old, new
+      run(function()
+        rt:load(wf, { watch = true, debounceMs = 20 })
+        rt:start()
+        local h = rt:executeAsync("pipe", { wait = true })
+        poll(function() return gate.started end, 5000, "hold to start")
+        write(2)
+        poll(function() return reloaded end, 5000, "the reload")
+        new = rt:execute("pipe", {})
+        gate.open = true
+        for _, w in ipairs(gate.waiters) do core.complete_host(w[1], w[2]) end
+        old = h:wait()
+        rt:unwatch()
+        rt:stop()
+      end, 15000)
+      package.loaded.qr_pin_gate = nil
+      os.execute("rm -rf " .. dir)
+      assert.is_true(old.success, tostring(old.error))
+      assert.are.same({ "hold-v1", "stamp-v1" }, old.state.trail)
+      assert.are.same({ "hold-v2", "stamp-v2" }, new.state.trail)
+    end)
+  end)
+
   -------------------------------------------------------------- layout
   describe("jobs in Redis", function()
     it("one queue per processor; job id = execution id; data and return value as ARCHITECTURE.md says", function()

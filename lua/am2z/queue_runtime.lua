@@ -428,6 +428,19 @@ function QueueRuntime.new(config)
   self._idleWaiters = {}
   self._closingWorkers = {}
   self._callRemote = QueueRuntime._remoteCall
+  -- Registry generations, so a job of an execution that started before a
+  -- reload runs the code it started with when this process takes it
+  -- (callContext.reg names the runtime and the generation).
+  do
+    local f = io.open("/dev/urandom", "rb")
+    local b = f and f:read(6) or tostring(math.random())
+    if f then f:close() end
+    self._runtimeId = (b:gsub(".", function(c) return format("%02x", c:byte()) end))
+  end
+  self._regSeq = 0
+  self._regGen = setmetatable({}, { __mode = "k" })
+  self._regByGen = {}
+  self:_setRegistry(self._processors)
   if config.stateManager == nil then
     self._stateManager = require("am2z.redis_state").RedisStateManager.new(ropts)
     self._ownState = true
@@ -557,7 +570,7 @@ local function handle_job(rt, job)
   end
   local j = { worker = job._worker, waits = 0, children = {} }
   rt._jobs[eid] = j
-  local r = executor.invoke(rt, name, d.state, sid, depth, eid)
+  local r = executor.invoke(rt, name, d.state, sid, depth, eid, rt:_registryOf(cc.reg))
   rt:_removeChildren(j.children)
   rt._jobs[eid] = nil
   rt:_notifyIdle()
@@ -643,6 +656,23 @@ function QueueRuntime:on(event, fn)
     if self._hub then self._hub.allEvents = true end
   end
   return self
+end
+
+function QueueRuntime:_setRegistry(procs)
+  LocalRuntime._setRegistry(self, procs)
+  local n = self._regSeq + 1
+  self._regSeq = n
+  self._regGen[procs] = n
+  self._regByGen[n] = procs
+  self._regByGen[n - 16] = nil       -- the last 16 generations are enough
+end
+
+-- The registry a job's callContext.reg names, when it is one of ours.
+function QueueRuntime:_registryOf(reg)
+  if type(reg) ~= "string" then return nil end
+  local rid, g = reg:match("^(%x+):(%d+)$")
+  if rid ~= self._runtimeId then return nil end
+  return self._regByGen[tonumber(g)]
 end
 
 -- After a reload: queues and workers for new processors, none for removed.
@@ -746,11 +776,12 @@ end
 
 -- Enqueues execution `eid` of `name` and waits for its result. `parent` is
 -- the calling execution's id (nil: top level).
-function QueueRuntime:_run(name, state, sid, depth, eid, parent)
+function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
   local t0 = core.now()
+  procs = procs or self._processors
   -- Checked, not copied: the state is only encoded here.
   local def, input = executor.precheck(self, name, state, sid, depth, eid, t0, t0 + executor.wallOffset,
-    nil, true)
+    procs, true)
   if def == nil then return input end
   local ok, err = self:_whenReady()
   if not ok then
@@ -776,7 +807,8 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
   if parent then keep_c, keep_f = false, false end
   local qc = def.config.queueConfig
   local data = { processorName = name, state = input, sessionId = sid, executionId = eid,
-                 callContext = { depth = depth, parentExecutionId = parent } }
+                 callContext = { depth = depth, parentExecutionId = parent,
+                                 reg = self._runtimeId .. ":" .. (self._regGen[procs] or 0) } }
   local okj, data_json = pcall(json.encode, data)
   local r, aerr
   if not okj then
@@ -836,14 +868,14 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent)
 end
 
 function QueueRuntime._remoteCall(rt, ctx, name, state, sid, depth, eid)
-  return rt:_run(name, state, sid, depth, eid, ctx[4])
+  return rt:_run(name, state, sid, depth, eid, ctx[4], ctx[11])
 end
 
 -- Top-level executions: the producer side of LocalRuntime's execute.
-function QueueRuntime:_executeTop(name, state, sid, named, eid, counted)
+function QueueRuntime:_executeTop(name, state, sid, named, eid, counted, procs)
   if not counted then self._top = self._top + 1 end
   self._pending[eid] = name
-  local ok, r = pcall(self._run, self, name, state, sid, 0, eid, nil)
+  local ok, r = pcall(self._run, self, name, state, sid, 0, eid, nil, procs)
   self._pending[eid] = nil
   if not ok then
     r = fail_result(name, eid, sid, state,
@@ -893,7 +925,7 @@ function Handle:cancel()
 end
 
 local function handle_body(h, a)
-  local r = h._rt:_executeTop(a[1], a[2], a[3], a[4], h.executionId, true)
+  local r = h._rt:_executeTop(a[1], a[2], a[3], a[4], h.executionId, true, a[5])
   h._result = r
   local w = h._waiters
   h._waiters = {}
@@ -936,7 +968,7 @@ function QueueRuntime:executeAsync(name, state, sessionId)
   self._pending[eid] = name
   -- Counted now: a stop() right after this call waits for it too.
   self._top = self._top + 1
-  core.spawn(handle_body, "root", 0, 0, 1, h, { name, snapshot, sid or eid, named })
+  core.spawn(handle_body, "root", 0, 0, 1, h, { name, snapshot, sid or eid, named, self._processors })
   return h
 end
 
