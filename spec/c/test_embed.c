@@ -244,6 +244,34 @@ int main(void)
     unlink(path);
     rmdir(dir);
 
+    /* ---- free with executions still running (a native call pending, a Lua
+     * sleep): no callback afterwards, nothing leaked (valgrind) */
+    {
+        memset(&o, 0, sizeof(o));
+        o.log_level = "silent";
+        CHECK(mkdtemp(strcpy(dir, "/tmp/am2z-embed-test-XXXXXX")) != NULL, "mkdtemp");
+        snprintf(path, sizeof(path), "%s/nap.lua", dir);
+        write_file(path,
+            "local am2z = require('am2z')\n"
+            "return am2z.createProcessor('nap'):process(function(s, ctx) ctx:sleep(60000) return am2z.Success(s) end)\n");
+        rc = am2z_host_new(&o, &h);
+        CHECK(rc == AM2Z_OK, "%s", am2z_host_error(h));
+        CHECK(am2z_host_register_native(h, "hang_long", hang_fn, NULL, 0) == AM2Z_OK, "%s", am2z_host_error(h));
+        CHECK(am2z_host_load(h, path, 0) == AM2Z_OK, "%s", am2z_host_error(h));
+        CHECK(am2z_host_start(h) == AM2Z_OK, "%s", am2z_host_error(h));
+        r.n = 0;
+        hung_call = NULL;
+        CHECK(am2z_host_execute(h, "hang_long", "{}", NULL, on_result, &r, NULL) == AM2Z_OK, "hang_long");
+        CHECK(am2z_host_execute(h, "nap", "{}", NULL, on_result, &r, NULL) == AM2Z_OK, "nap");
+        for (int i = 0; i < 50 && hung_call == NULL; i++)
+            am2z_host_run(h, UV_RUN_NOWAIT);
+        CHECK(hung_call != NULL, "the native call is pending");
+        am2z_host_free(h);
+        CHECK(r.n == 0, "no result callback after free (%d)", r.n);
+        unlink(path);
+        rmdir(dir);
+    }
+
     /* ---- the same through QueueRuntime, when the suite's Redis is there:
      * a Lua-C-Lua chain where every step is a job */
     {
