@@ -1,7 +1,7 @@
 -- LuaRocks package: the Lua library (am2z/*.lua) and its C core (am2z/core.so),
 -- built with the project's CMake build (the cmake backend).
---   luarocks make am2z-lua-0.1.0-1.rockspec            -- from a checkout
---   luarocks make --tree /tmp/rocks am2z-lua-0.1.0-1.rockspec
+--   luarocks --lua-version=5.1 make am2z-lua-0.1.0-1.rockspec LUA_INCDIR=/usr/include/luajit-2.1
+--   (add --tree DIR for a tree of its own; Debian's luarocks defaults to Lua 5.2)
 -- Needs the Debian packages scripts/setup.sh installs (libuv1-dev,
 -- libhiredis-dev, libssl-dev, libluajit2-5.1-dev, cmake, pkg-config) and
 -- lua-cjson at run time.
