@@ -221,6 +221,14 @@ function Hub:_event(key, f)
   end
 end
 
+-- One event; a handler that raises is logged, never kills the reader.
+function Hub:_handle(key, f)
+  local ok, perr = pcall(self._event, self, key, f)
+  if not ok then
+    self.rt._logger:error("QueueRuntime: handling an event failed", { error = tostring(perr) })
+  end
+end
+
 local function hub_loop(hub)
   local rt = hub.rt
   local conn, err
@@ -276,12 +284,7 @@ local function hub_loop(hub)
       for _, s in ipairs(r) do
         local key = s[1]
         if s[2] then hub.ids[key] = s[2] end
-        for _, f in ipairs(s[3]) do
-          local ok, perr = pcall(hub._event, hub, key, f)
-          if not ok then
-            rt._logger:error("QueueRuntime: handling an event failed", { error = tostring(perr) })
-          end
-        end
+        for _, f in ipairs(s[3]) do hub:_handle(key, f) end
       end
     elseif type(r) == "table" then
       for _, s in ipairs(r) do
@@ -290,10 +293,7 @@ local function hub_loop(hub)
           hub.ids[key] = ent[1]
           local arr, f = ent[2], {}
           for i = 1, #arr, 2 do f[arr[i]] = arr[i + 1] end
-          local ok, perr = pcall(hub._event, hub, key, f)
-          if not ok then
-            rt._logger:error("QueueRuntime: handling an event failed", { error = tostring(perr) })
-          end
+          hub:_handle(key, f)
         end
       end
     end
@@ -301,14 +301,21 @@ local function hub_loop(hub)
   return true, true
 end
 
-function Hub:failAll(cause)
+-- Every waiter gets a failed result made by make_error(jobId), never a hang.
+function Hub:_failWaiters(make_error)
   for jid in pairs(self.waiters) do
     local w = self.waiters[jid]
     self:resolve(jid, { success = false, executionTime = 0,
-      metadata = { processorName = w.name, executionId = jid },
-      error = errors.NetworkError(format("Redis was unreachable for %d ms while waiting for execution %s",
-        self.downLimit, jid), { cause = tostring(cause) }) })
+      metadata = { processorName = w.name, executionId = jid }, error = make_error(jid) })
   end
+end
+
+function Hub:failAll(cause)
+  local limit = self.downLimit
+  self:_failWaiters(function(jid)
+    return errors.NetworkError(format("Redis was unreachable for %d ms while waiting for execution %s",
+      limit, jid), { cause = tostring(cause) })
+  end)
 end
 
 function Hub:start()
@@ -319,14 +326,9 @@ function Hub:close()
   self.closing = true
   if self.co then core.cancel(self.co) end
   if self.conn then self.conn:close() end
-  -- Whoever still waits gets a failure, never a hang.
-  for jid in pairs(self.waiters) do
-    local w = self.waiters[jid]
-    self:resolve(jid, { success = false, executionTime = 0,
-      metadata = { processorName = w.name, executionId = jid },
-      error = errors.CancelledError("the runtime was stopped while waiting for execution " .. jid,
-        "stopped") })
-  end
+  self:_failWaiters(function(jid)
+    return errors.CancelledError("the runtime was stopped while waiting for execution " .. jid, "stopped")
+  end)
 end
 
 -- ------------------------------------------------------------ construction
@@ -933,30 +935,8 @@ local function handle_body(h, a)
   return true, true
 end
 
-local function check_exec_args(self, fname, name, state, sid)
-  if type(name) ~= "string" then
-    error(format("%s: expected a processor name (string), got %s", fname, describe(name)), 3)
-  end
-  if type(state) ~= "table" then
-    error(format("%s: expected a state table, got %s", fname, describe(state)), 3)
-  end
-  if sid ~= nil and (type(sid) ~= "string" or sid == "") then
-    error(format("%s: expected sessionId to be a non-empty string or nil, got %s", fname,
-      describe(sid)), 3)
-  end
-  if not self._started then
-    error(format("%s: the runtime is not started (call runtime:start() first)", fname), 3)
-  end
-end
-
-local function session_of(state, sid)
-  if sid then return sid, true end
-  local m = state.metadata
-  if type(m) == "table" and type(m.sessionId) == "string" and m.sessionId ~= "" then
-    return m.sessionId, true
-  end
-  return nil, false
-end
+-- The same argument rules and session choice as LocalRuntime.
+local check_exec_args, session_of = runtime._checkExecArgs, runtime._sessionOf
 
 function QueueRuntime:executeAsync(name, state, sessionId)
   check_exec_args(self, "executeAsync", name, state, sessionId)
@@ -1059,14 +1039,7 @@ end
 --- cancelled; then workers and connections close. Waits only inside an
 --- engine coroutine.
 function QueueRuntime:stop(opts)
-  if opts ~= nil and type(opts) ~= "table" then
-    error("stop: expected a table of options or nil, got " .. describe(opts), 2)
-  end
-  local grace = opts and opts.graceMs
-  if grace == nil then grace = 5000 end
-  if type(grace) ~= "number" or grace < 0 then
-    error("stop: expected graceMs to be a number >= 0, got " .. describe(grace), 2)
-  end
+  local grace = runtime._graceOf(opts)
   if not self._started and not self._conn and not self._connecting then return self end
   self._started = false
   -- Draining: workers keep taking what this process still has to run (its

@@ -262,18 +262,25 @@ local function cancel_all(self)
   end
 end
 
---- Stops: new executions are refused; in-flight ones may finish until the
---- grace deadline, then are cancelled. Waits only inside an engine coroutine.
----@param opts table|nil { graceMs = 5000 }
-function LocalRuntime:stop(opts)
+-- stop's options (both runtimes): the grace in ms; misuse names the caller.
+local function grace_of(opts)
   if opts ~= nil and type(opts) ~= "table" then
-    error("stop: expected a table of options or nil, got " .. describe(opts), 2)
+    error("stop: expected a table of options or nil, got " .. describe(opts), 3)
   end
   local grace = opts and opts.graceMs
   if grace == nil then grace = 5000 end
   if type(grace) ~= "number" or grace < 0 then
-    error("stop: expected graceMs to be a number >= 0, got " .. describe(grace), 2)
+    error("stop: expected graceMs to be a number >= 0, got " .. describe(grace), 3)
   end
+  return grace
+end
+M._graceOf = grace_of
+
+--- Stops: new executions are refused; in-flight ones may finish until the
+--- grace deadline, then are cancelled. Waits only inside an engine coroutine.
+---@param opts table|nil { graceMs = 5000 }
+function LocalRuntime:stop(opts)
+  local grace = grace_of(opts)
   self._started = false
   if self._top == 0 then return self end
   if not core.in_exec() or grace == 0 then
@@ -333,6 +340,8 @@ local function session_of(state, sid)
   end
   return nil, false
 end
+M._checkExecArgs = check_exec_args
+M._sessionOf = session_of
 
 function LocalRuntime:_record(sid, named, r)
   if r.success and named then
