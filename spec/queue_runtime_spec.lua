@@ -824,6 +824,113 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.are.equal(2, runs)
     end)
 
+    it("a draining worker at concurrency 1 still reaches its own child behind another producer's job", function()
+      local prefix = fresh()
+      local kid_ran = false
+      local function defs()
+        return {
+          P("kid"):process(function(s) kid_ran = true s.kid = true return Success(s) end),
+          P("mom"):process(function(s, ctx)
+            ctx:sleep(150)
+            return ctx:call("kid", s)
+          end),
+        }
+      end
+      local w1 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { concurrency = 1 } }
+      w1:registerMany(defs())
+      local r
+      run(function()
+        w1:start()
+        local h = w1:executeAsync("mom", {})
+        poll(function() return next(w1._jobs) ~= nil end, 5000, "mom to start")
+        -- another producer's job waits in kid's queue ahead of mom's child
+        local q = am2z.queue.Queue.new(prefix .. "_kid", { connection = { url = URL, logger = silent } })
+        q:add("kid", { processorName = "kid", state = { foreign = true }, executionId = "foreign-1",
+                       callContext = { depth = 0 } }, { jobId = "foreign-1" })
+        core.spawn(function() w1:stop{ graceMs = 3000 } return true end, "root", 0, 0, 1)
+        r = h:wait()
+        q:close()
+      end, 15000)
+      assert.is_true(r.success, tostring(r.error))
+      assert.is_true(kid_ran)
+    end)
+
+    it("a job given back at a stop deadline keeps its finished children: they do not run twice", function()
+      local prefix = fresh()
+      local runs = { kid1 = 0, kid2 = 0, mom = 0 }
+      local function defs()
+        return {
+          P("kid1"):process(function(s) runs.kid1 = runs.kid1 + 1 s.k1 = true return Success(s) end),
+          P("kid2"):process(function(s, ctx)
+            runs.kid2 = runs.kid2 + 1
+            if not ctx:sleep(300) then return Failure(ctx.signal.reason) end
+            s.k2 = true
+            return Success(s)
+          end),
+          P("mom"):process(function(s, ctx)
+            runs.mom = runs.mom + 1
+            local r = ctx:call("kid1", s)
+            if not r.success then return Failure(r.error) end
+            return ctx:call("kid2", r.state)
+          end),
+        }
+      end
+      local producer_rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent, worker = { enabled = false } }
+      producer_rt:registerMany(defs())
+      local w1 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      w1:registerMany(defs())
+      local w2 = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      w2:registerMany(defs())
+      local r
+      run(function()
+        w1:start()
+        producer_rt:start()
+        local h = producer_rt:executeAsync("mom", {})
+        poll(function() return runs.kid2 == 1 end, 5000, "kid2 to start")
+        w1:stop{ graceMs = 50 }
+        w2:start()
+        r = h:wait()
+        w2:stop()
+        producer_rt:stop()
+      end, 20000)
+      assert.is_true(r.success, tostring(r.error))
+      assert.is_true(r.state.k1 and r.state.k2)
+      assert.are.equal(1, runs.kid1, "kid1 ran again")
+      assert.are.equal(2, runs.mom)
+    end)
+
+    it("an execution pinned to a registry that still has a since-unregistered child gets it run", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local gate = {}
+      rt:register(P("kid"):process(function(s) s.kid = true return Success(s) end))
+      rt:register(P("mom"):process(function(s, ctx)
+        if not gate.open then
+          gate.w = { (core.current()), 0x7606 }
+          core.wait_host(0x7606)
+        end
+        return ctx:call("kid", s)
+      end))
+      local r
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("mom", {})
+        poll(function() return gate.w ~= nil end, 5000, "mom to start")
+        rt:unregister("kid")
+        rt:syncProcessors()
+        gate.open = true
+        core.complete_host(gate.w[1], gate.w[2])
+        r = h:wait()
+        rt:stop()
+      end)
+      assert.is_true(r.success, tostring(r.error))
+      assert.is_true(r.state.kid)
+    end)
+
     it("two stop() calls at once both return", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }

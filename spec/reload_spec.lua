@@ -312,6 +312,32 @@ return { signup = am2z.createProcessor("signup"):process(function(s) s.user = tr
       assert.are.equal(sha(v2), r2.metadata.codeHash)
     end)
 
+    it("a file composing a processor from a require()d module reloads (the module's processor is not the file's)", function()
+      local path = dir .. "/flow.lua"
+      local modname = "reload_spec_shared_" .. tostring(os.time())
+      package.loaded[modname] = am2z.createProcessor("shared"):process(function(s)
+        s.shared = true
+        return am2z.Success(s)
+      end)
+      local src = ('local am2z = require("am2z")\nreturn { am2z.chainProcessors{ name = "a", processors = { require(%q) } } }\n')
+        :format(modname)
+      write(path, src)
+      local ev = record_reloads(rt)
+      local p, r
+      run(function()
+        rt:start()
+        rt:load(path, { watch = true, debounceMs = 20 })
+        write(path, src .. "-- an edit\n")
+        p = ev.expect("succeeded")
+        r = rt:execute("a", {})
+      end)
+      package.loaded[modname] = nil
+      assert.are.same({}, p.removed)
+      assert.are.same({ "a" }, p.replaced)
+      assert.is_true(r.success, tostring(r.error))
+      assert.is_true(r.state.shared)
+    end)
+
     it("an execution already running finishes on the old code, later chain steps included; one started after the reload uses the new code", function()
       local path = dir .. "/flow.lua"
       -- hold: v1 waits for the test's "go"; stamp: the step reached after the reload.

@@ -3,7 +3,9 @@
   was closing when a fetch handed it the job; BullMQ's
   moveJobFromActiveToWait does the same for rate-limited jobs).
   KEYS: 1 active, 2 wait, 3 stalled, 4 marker, 5 events, 6 meta, 7 prioritized
-  ARGV: 1 key prefix, 2 id, 3 token
+  ARGV: 1 key prefix, 2 id, 3 token, 4 "back": at the back of wait instead
+        (a draining worker giving away jobs it will not run: taking the
+        same one again at once would keep it from the others)
   Returns 0, or -2/-6 for a lock that is gone or someone else's.
 ]]
 --@include _lock
@@ -17,7 +19,7 @@ local prio = tonumber(rcall("HGET", J, "priority")) or 0
 if prio > 0 then
   rcall("ZADD", KEYS[7], prio * 4294967296, id)
 else
-  rcall("RPUSH", KEYS[2], id)
+  if ARGV[4] == "back" then rcall("LPUSH", KEYS[2], id) else rcall("RPUSH", KEYS[2], id) end
 end
 if not rcall("HGET", KEYS[6], "paused") then rcall("ZADD", KEYS[4], 0, "0") end
 rcall("HINCRBY", J, "ats", -1)

@@ -26,13 +26,15 @@ local function exact14(n)
   return n ~= n or n == huge or n == -huge or tonumber(format("%.14g", n)) == n
 end
 
--- true when some number in v needs more than 14 digits
-local function needs_more(v, depth)
+-- true when some number in v needs more than 14 digits. Each table is seen
+-- once (shared subtables, cycles: cjson rejects those itself).
+local function needs_more(v, seen)
+  seen[v] = true
   for _, x in pairs(v) do
     local t = type(x)
     if t == "number" then
       if not exact14(x) then return true end
-    elseif t == "table" and depth < 1000 and needs_more(x, depth + 1) then
+    elseif t == "table" and not seen[x] and needs_more(x, seen) then
       return true
     end
   end
@@ -48,19 +50,35 @@ local function exact(n)
   return format("%.17g", n)
 end
 
-local MARK = "\1am2z#"
+-- A marker no data can guess: random per process.
+local MARK
+do
+  local f = io.open("/dev/urandom", "rb")
+  local b = f and f:read(8)
+  if f then f:close() end
+  b = b or tostring(os.time()) .. tostring(os.clock())
+  MARK = "\1am2z" .. (b:gsub(".", function(c) return format("%02x", c:byte()) end)) .. "#"
+end
+local MARK_PATTERN = '"\\u0001' .. MARK:sub(2):gsub("%p", "%%%0") .. '(%d+)\\u0001"'
 
-local function substitute(v, toks, depth)
+local getmt = debug.getmetatable
+
+local function substitute(v, toks, seen)
   local t = type(v)
   if t == "number" then
     if exact14(v) then return v end
     toks[#toks + 1] = exact(v)
     return MARK .. #toks .. "\1"
   end
-  if t ~= "table" or depth > 1000 then return v end
+  if t ~= "table" then return v end
+  local done = seen[v]
+  if done then return done end        -- shared (or cyclic) stays shared
   local out = {}
-  for k, x in pairs(v) do out[k] = substitute(x, toks, depth + 1) end
-  return setmetatable(out, getmetatable(v))
+  seen[v] = out
+  for k, x in pairs(v) do out[k] = substitute(x, toks, seen) end
+  local mt = getmt(v)                 -- cjson's array/object marks
+  if mt then setmetatable(out, mt) end
+  return out
 end
 
 --- cjson.encode with exact numbers; raises as cjson.encode does.
@@ -69,10 +87,10 @@ function M.encode(v)
     if exact14(v) then return cencode(v) end
     return exact(v)
   end
-  if type(v) ~= "table" or not needs_more(v, 0) then return cencode(v) end
+  if type(v) ~= "table" or not needs_more(v, {}) then return cencode(v) end
   local toks = {}
-  local s = cencode(substitute(v, toks, 0))
-  return (gsub(s, '"\\u0001am2z#(%d+)\\u0001"', function(i) return toks[tonumber(i)] end))
+  local s = cencode(substitute(v, toks, {}))
+  return (gsub(s, MARK_PATTERN, function(i) return toks[tonumber(i)] end))
 end
 
 --- Formats one number as encode() would.

@@ -642,11 +642,27 @@ end
 
 -- Runs one job; returns the next one when the finishing script fetched it.
 -- Gives a job back to the front of wait, unprocessed and unlocked.
-local function release_job(w, job, token)
+local function release_job(w, job, token, back)
   local k = w.keys
   script("releaseJob"):run(w._conn, { k.active, k.wait, k.stalled, k.marker, k.events, k.meta,
-    k.prioritized }, { k.P, job.id, token })
-  w._releasedAt = core.now()
+    k.prioritized }, { k.P, job.id, token, back and "back" or "" })
+  -- Back off only once the rejected jobs come round again: until then the
+  -- next fetch may well be one this worker still has to run.
+  if back then
+    local seen = w._rejected
+    if not seen then
+      seen = {}
+      w._rejected = seen
+    end
+    if seen[job.id] then
+      w._releasedAt = core.now()
+      w._rejected = {}
+    else
+      seen[job.id] = true
+    end
+  else
+    w._releasedAt = core.now()
+  end
 end
 
 --- A processor returning this gives its job back to the queue (for another
@@ -659,7 +675,7 @@ local function run_one(w, job, token)
   -- A worker that is draining (QueueRuntime's stop) takes only the jobs it
   -- still has to run; the others go back for other workers.
   if w._accept and not w._accept(job) then
-    release_job(w, job, token)
+    release_job(w, job, token, true)
     return nil
   end
   w:_emit("active", job, "waiting")

@@ -570,32 +570,39 @@ local function handle_job(rt, job)
       errors.CancelledError(format("Processor '%s' was cancelled before it started", name), "cancelled"))
     return nil, { message = r.error.message, am2zResult = r }
   end
-  local j = { worker = job._worker, waits = 0, children = {} }
+  -- The execution this job belongs to (its top-level job's id).
+  local root = type(cc.rootExecutionId) == "string" and cc.rootExecutionId or eid
+  local j = { worker = job._worker, waits = 0, children = {}, root = root }
   rt._jobs[eid] = j
   local r = executor.invoke(rt, name, d.state, sid, depth, eid, rt:_registryOf(cc.reg))
-  rt:_removeChildren(j.children)
+  -- Cut off by this process's stop(): unless the execution is this
+  -- process's own, the job goes back to its queue for another worker,
+  -- children included, and keeps its finished children, which the re-run
+  -- finds again by their ids.
+  local give_back = not r.success and rt._stopping and errors.is(r.error, errors.CancelledError)
+    and not rt._pending[root]
+  if not give_back then rt:_removeChildren(j.children) end
   rt._jobs[eid] = nil
   rt:_notifyIdle()
   if r.success then return r end
-  -- Cut off by this process's stop(): a job another producer waits for goes
-  -- back to its queue for another worker (its finished children are found
-  -- again by their ids), rather than failing.
-  local parent = cc.parentExecutionId
-  if rt._stopping and errors.is(r.error, errors.CancelledError) and not rt._pending[eid]
-      and not (parent and rt._jobs[parent]) then
-    return queue.RELEASE
-  end
+  if give_back then return queue.RELEASE end
   local e = r.error
   return nil, { message = (type(e) == "table" and e.message) or tostring(e), am2zResult = r }
 end
 
 local REMOVE_JOBS = redis.script([[
--- KEYS: completed, failed; ARGV: key prefix, ids...
+-- KEYS: completed, failed, active, wait, prioritized, delayed
+-- ARGV: key prefix, ids...
+-- A child still queued (its parent ended first) goes from its list too: a
+-- dangling id in wait would be handed to a worker without its hash.
 for i = 2, #ARGV do
   local id = ARGV[i]
   if redis.call("LPOS", KEYS[3], id) == false then
     redis.call("ZREM", KEYS[1], id)
     redis.call("ZREM", KEYS[2], id)
+    redis.call("LREM", KEYS[4], 0, id)
+    redis.call("ZREM", KEYS[5], id)
+    redis.call("ZREM", KEYS[6], id)
     redis.call("DEL", ARGV[1] .. id, ARGV[1] .. id .. ":logs")
   end
 end
@@ -617,15 +624,22 @@ function QueueRuntime:_removeChildren(children)
     local q = self._queues[name]
     if q then
       local k = q.keys
-      REMOVE_JOBS:run(self._conn, { k.completed, k.failed, k.active }, { k.P, unpack(ids) })
+      REMOVE_JOBS:run(self._conn, { k.completed, k.failed, k.active, k.wait, k.prioritized, k.delayed },
+        { k.P, unpack(ids) })
     end
   end
 end
 
-function QueueRuntime:_ensureQueue(name)
+-- The queue of a processor (and, with workers on, its worker). def: the
+-- definition the caller runs on; an execution pinned to an older registry
+-- may need a processor since unregistered, whose worker must exist then.
+function QueueRuntime:_ensureQueue(name, def)
   local q = self._queues[name]
-  if q then return q end
-  local def = self._processors[name]
+  def = def or self._processors[name]
+  if q then
+    if self._workerEnabled and def and not self._workers[name] then self:_startWorker(name, def) end
+    return q
+  end
   q = queue.Queue.new(self:queueName(name), { prefix = self._bull, connection = self._redisOpts,
     logger = self._logger })
   q._c = self._conn
@@ -633,21 +647,25 @@ function QueueRuntime:_ensureQueue(name)
   q.processorName = name
   self._queues[name] = q
   self._hub:addStream(q.keys.events, name)
-  if self._workerEnabled and def then
-    local qc = def.config.queueConfig or {}
-    local limiter
-    if qc.rateLimitRpm then limiter = { max = qc.rateLimitRpm, duration = 60000 } end
-    local rt = self
-    local wo = self._workerOpts
-    self._workers[name] = queue.Worker.new(self:queueName(name), function(job)
-      return handle_job(rt, job)
-    end, { connection = self._redisOpts, prefix = self._bull,
-           concurrency = qc.concurrency or self._concurrency, limiter = limiter,
-           lockDuration = wo.lockDuration, stalledInterval = wo.stalledInterval,
-           maxStalledCount = wo.maxStalledCount, logger = self._logger:withSource("worker:" .. name),
-           _errorField = error_field })
-  end
+  if self._workerEnabled and def then self:_startWorker(name, def) end
   return q
+end
+
+function QueueRuntime:_startWorker(name, def)
+  local qc = def.config.queueConfig or {}
+  local limiter
+  if qc.rateLimitRpm then limiter = { max = qc.rateLimitRpm, duration = 60000 } end
+  local rt = self
+  local wo = self._workerOpts
+  local w = queue.Worker.new(self:queueName(name), function(job)
+    return handle_job(rt, job)
+  end, { connection = self._redisOpts, prefix = self._bull,
+         concurrency = qc.concurrency or self._concurrency, limiter = limiter,
+         lockDuration = wo.lockDuration, stalledInterval = wo.stalledInterval,
+         maxStalledCount = wo.maxStalledCount, logger = self._logger:withSource("worker:" .. name),
+         _errorField = error_field })
+  w._accept = self._accept          -- set while stop() drains
+  self._workers[name] = w
 end
 
 -- queue:* listeners need every event of the streams, not only results.
@@ -669,6 +687,17 @@ function QueueRuntime:_setRegistry(procs)
   self._regByGen[n - 16] = nil       -- the last 16 generations are enough
 end
 
+-- Whether a registry an execution may still be pinned to has `name`.
+function QueueRuntime:_pinnedUse(name)
+  for _, procs in pairs(self._regByGen) do
+    if procs ~= self._processors and procs[name] ~= nil then
+      -- only if some execution of this runtime still runs
+      return next(self._jobs) ~= nil or self._top > 0
+    end
+  end
+  return false
+end
+
 -- The registry a job's callContext.reg names, when it is one of ours.
 function QueueRuntime:_registryOf(reg)
   if type(reg) ~= "string" then return nil end
@@ -688,7 +717,7 @@ function QueueRuntime:syncProcessors()
   if not self._ready then return self end
   for name in pairs(self._processors) do self:_ensureQueue(name) end
   for name, w in pairs(self._workers) do
-    if not self._processors[name] then
+    if not self._processors[name] and not self:_pinnedUse(name) then
       self._workers[name] = nil
       -- In the background: the close waits for the worker's jobs in flight,
       -- which may wait on children this caller is about to let through.
@@ -706,13 +735,15 @@ function QueueRuntime:_noteCancel(eid)
   local req = self._cancelReq
   req[eid] = core.now()
   self._cancelReqN = (self._cancelReqN or 0) + 1
-  if self._cancelReqN > 1000 then
+  if self._cancelReqN > (self._cancelReqLimit or 1000) then
     local limit = core.now() - 600000
     local n = 0
     for k, t in pairs(req) do
       if t < limit then req[k] = nil else n = n + 1 end
     end
     self._cancelReqN = n
+    -- prune again only after as many new entries as are left (amortized)
+    self._cancelReqLimit = math.max(1000, 2 * n)
   end
 end
 
@@ -797,8 +828,13 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
       errors.CancelledError(format("Execution of '%s' was cancelled before it was enqueued", name),
         "cancelled"))
   end
-  local q = self:_ensureQueue(name)
   local hub = self._hub
+  if hub == nil then
+    -- stop() has closed the events reader already (its deadline passed)
+    return fail_result(name, eid, sid, state, errors.CancelledError(
+      format("Execution of '%s' was not started: the runtime is stopping", name), "stopped"))
+  end
+  local q = self:_ensureQueue(name, def)
   local w = hub:register(eid, name)
   local j = parent and self._jobs[parent]
   if j then
@@ -810,6 +846,7 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
   local qc = def.config.queueConfig
   local data = { processorName = name, state = input, sessionId = sid, executionId = eid,
                  callContext = { depth = depth, parentExecutionId = parent,
+                                 rootExecutionId = j and j.root or (parent == nil and eid or nil),
                                  reg = self._runtimeId .. ":" .. (self._regGen[procs] or 0) } }
   local okj, data_json = pcall(json.encode, data)
   local r, aerr
@@ -991,7 +1028,6 @@ function QueueRuntime:_notifyIdle()
   local ws = self._idleWaiters
   if #ws > 0 and is_idle(self) then
     self._idleWaiters = {}
-  self._closingWorkers = {}
     for _, x in ipairs(ws) do core.complete_host(x[1], x[2]) end
   end
 end
@@ -1052,6 +1088,8 @@ function QueueRuntime:stop(opts)
     local parent = type(d.callContext) == "table" and d.callContext.parentExecutionId
     return rt._pending[eid] ~= nil or (parent ~= nil and rt._jobs[parent] ~= nil)
   end
+  self._accept = accept
+  self._stopWhenIdle = false
   for _, w in pairs(self._workers) do w._accept = accept end
   if self._connecting and core.in_exec() then
     -- Let the connect finish; it sees the runtime stopped and closes.
@@ -1087,6 +1125,7 @@ function QueueRuntime:stop(opts)
   end
   self._queues = {}
   self._stopping = false
+  self._accept = nil
   if self._conn then self._conn:close() end
   self._conn = nil
   -- The default state store's own connection reopens on next use.

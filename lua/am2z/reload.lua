@@ -160,7 +160,9 @@ function Loader:apply(path, res)
   local removed = {}
   if old then
     for name in pairs(old.names) do
-      if not new_names[name] and procs[name] == old.names[name] then
+      -- still reachable from what the file returns (e.g. a definition from a
+      -- require()d module, created once): not removed
+      if not reach[name] and procs[name] == old.names[name] then
         procs[name] = nil
         removed[#removed + 1] = name
       end
