@@ -562,6 +562,33 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.are.equal(1 / 3, r.state.third)
     end)
 
+    it("a child job is kept while its parent runs, with a 7-day age limit as the backstop", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      local opts, exists_after
+      rt:register(P("kid"):process(function(s) return Success(s) end))
+      rt:register(P("mom"):process(function(s, ctx)
+        local r = ctx:call("kid", s)
+        local R = connect()
+        opts = R:call("HGET", "bull:" .. rt._prefix .. "_kid:" .. ctx.meta.executionId .. ".1", "opts")
+        R:close()
+        return r
+      end))
+      run(function()
+        rt:start()
+        local r = rt:execute("mom", {})
+        assert.is_true(r.success, tostring(r.error))
+        local R = connect()
+        exists_after = R:call("EXISTS", "bull:" .. rt._prefix .. "_kid:" .. r.metadata.executionId .. ".1")
+        R:close()
+        rt:stop()
+      end)
+      local o = cjson.decode(opts)
+      assert.are.same({ age = 604800 }, o.removeOnComplete)
+      assert.are.same({ age = 604800 }, o.removeOnFail)
+      assert.are.equal(0, exists_after)
+    end)
+
     it("a failed execution's error comes back as the same class with its fields", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }

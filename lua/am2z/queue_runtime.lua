@@ -52,6 +52,7 @@ QueueRuntime.__index = QueueRuntime
 M.QueueRuntime = QueueRuntime
 
 local ERROR_FIELD = "am2zError"
+local CHILD_KEEP = { age = 7 * 24 * 3600 }
 
 -- ------------------------------------------------------------ helpers
 
@@ -842,7 +843,10 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
     leave_slot(j)
   end
   local keep_c, keep_f = self._keepComplete, self._keepFail
-  if parent then keep_c, keep_f = false, false end
+  -- Children are kept while their parent runs (a re-run parent reads their
+  -- results) and removed when it ends; a week's age limit is the backstop
+  -- for those whose parent never ended here (a stop deadline, a crash).
+  if parent then keep_c, keep_f = CHILD_KEEP, CHILD_KEEP end
   local qc = def.config.queueConfig
   local data = { processorName = name, state = input, sessionId = sid, executionId = eid,
                  callContext = { depth = depth, parentExecutionId = parent,
