@@ -88,6 +88,17 @@ static int c_result(lua_State *L)
     return 0;
 }
 
+/* _c.eval_result(cbp, udp, ok, json) */
+static int c_eval_result(lua_State *L)
+{
+    am2z_eval_fn cb;
+    void *ud = lua_touserdata(L, 2);
+    *(void **) &cb = lua_touserdata(L, 1);
+    if (cb)
+        cb(ud, (int) lua_tointeger(L, 3), lua_tostring(L, 4));
+    return 0;
+}
+
 /* _c.event(cbp, udp, event, json) */
 static int c_event(lua_State *L)
 {
@@ -401,6 +412,8 @@ int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
     lua_setfield(L, -2, "result");
     lua_pushcfunction(L, c_event);
     lua_setfield(L, -2, "event");
+    lua_pushcfunction(L, c_eval_result);
+    lua_setfield(L, -2, "eval_result");
     lua_pushlightuserdata(L, h);
     lua_pushcclosure(L, c_call_new, 1);
     lua_setfield(L, -2, "call_new");
@@ -572,6 +585,19 @@ int am2z_host_on(am2z_host_t *h, const char *event, am2z_event_fn cb, void *ud)
     lua_pushlightuserdata(h->L, *(void **) &cb);
     lua_pushlightuserdata(h->L, ud);
     return api_call(h, "am2z_host_on", 3, 0, AM2Z_EINVAL);
+}
+
+int am2z_host_eval(am2z_host_t *h, const char *lua_code, am2z_eval_fn cb, void *ud)
+{
+    CHECK_HOST(h, "am2z_host_eval");
+    if (lua_code == NULL)
+        return set_err(h, AM2Z_EINVAL, "am2z_host_eval: expected Lua code, got NULL");
+    push_api(h, "eval");
+    lua_pushstring(h->L, lua_code);
+    lua_pushlightuserdata(h->L, *(void **) &cb);
+    lua_pushlightuserdata(h->L, ud);
+    return api_call(h, "am2z_host_eval", 3, 2, AM2Z_EINVAL) == AM2Z_OK ? (lua_pop(h->L, 2), AM2Z_OK)
+                                                                       : AM2Z_EINVAL;
 }
 
 int am2z_host_run(am2z_host_t *h, uv_run_mode mode)

@@ -397,6 +397,9 @@ typedef void (*am2z_event_fn)(void *ud, const char *event, const char *payload_j
  * call with am2z_call_succeed/am2z_call_fail, before returning or later (on
  * the loop thread). */
 typedef void (*am2z_native_fn)(am2z_call_t *call, const char *state_json, void *ud);
+/* The result of am2z_host_eval: ok 1 with the chunk's first result as JSON,
+ * or 0 with { "error": message and traceback }. */
+typedef void (*am2z_eval_fn)(void *ud, int ok, const char *json);
 /* Called once when the execution of a pending native call is aborted
  * (timeout, cancel); the call must still be completed (its result is then
  * ignored). */
@@ -424,6 +427,11 @@ int  am2z_host_cancel(am2z_host_t *h, const char *execution_id);
 /* *json: runtime:getStats() as JSON, to free() by the caller. */
 int  am2z_host_stats_json(am2z_host_t *h, char **json);
 int  am2z_host_on(am2z_host_t *h, const char *event, am2z_event_fn cb, void *ud);
+/* Everything the Lua API can do, from C: runs lua_code as a chunk in an
+ * engine coroutine (it may wait), with `am2z` and `runtime` (the host's
+ * runtime) in scope, e.g. "return runtime:getState('s1')". cb gets its
+ * first result as JSON, later, once. A syntax error is AM2Z_EINVAL. */
+int  am2z_host_eval(am2z_host_t *h, const char *lua_code, am2z_eval_fn cb, void *ud);
 /* Runs the engine's loop (only when the engine owns it). */
 int  am2z_host_run(am2z_host_t *h, uv_run_mode mode);
 /* Graceful stop: executions in flight finish or are cancelled at grace_ms;

@@ -107,6 +107,29 @@ function M.on(event, cbp, udp)
   return true
 end
 
+-- Runs Lua code for the host in an engine coroutine (so it may wait: getState
+-- under QueueRuntime, executeMany, cleanAllQueues...), with `am2z` and
+-- `runtime` in scope; reports cb(ud, ok, json of its first result or error).
+local function eval_body(chunk, cbp, udp)
+  local ok, v = xpcall(chunk, debug.traceback)
+  local j
+  if ok then
+    j = encode(v == nil and cjson.null or v)
+  else
+    j = encode({ error = tostring(v) })
+  end
+  M._c.eval_result(cbp, udp, ok and 1 or 0, j)
+  return true, true
+end
+
+function M.eval(code, cbp, udp)
+  local chunk, err = loadstring(code, "=am2z_host_eval")
+  if not chunk then return nil, "syntax error: " .. tostring(err) end
+  setfenv(chunk, setmetatable({ am2z = am2z, runtime = rt }, { __index = _G }))
+  core.spawn(eval_body, "root", 0, 0, 1, chunk, cbp, udp)
+  return true
+end
+
 function M.stop(grace)
   core.spawn(function()
     rt:stop{ graceMs = grace }

@@ -43,6 +43,15 @@ static void on_result(void *ud, const char *eid, int ok, const char *json)
     r->json = strdup(json);
 }
 
+static void on_eval(void *ud, int ok, const char *json)
+{
+    result_t *r = ud;
+    r->n++;
+    r->ok = ok;
+    free(r->json);
+    r->json = strdup(json);
+}
+
 static int events_seen;
 static void on_event(void *ud, const char *event, const char *json)
 {
@@ -185,6 +194,24 @@ int main(void)
     CHECK(r.json && strstr(r.json, "\"n\":5"), "(1+1)*2+1 = 5: %s", r.json ? r.json : "");
     CHECK(strcmp(r.eid, eid) == 0, "callback id %s vs %s", r.eid, eid);
     CHECK(events_seen >= 4, "processor:completed events: %d", events_seen);
+
+    /* ---- anything else the Lua API does, through am2z_host_eval */
+    {
+        result_t ev = { 0 };
+        CHECK(am2z_host_eval(h, "return runtime:getState('sess-1')", on_eval, &ev) == AM2Z_OK,
+              "eval: %s", am2z_host_error(h));
+        run_until(h, &ev.n, 1);
+        CHECK(ev.n == 1 && ev.ok && ev.json && strstr(ev.json, "\"n\":5") && strstr(ev.json, "\"version\":1"),
+              "getState through eval: %s", ev.json ? ev.json : "(none)");
+        ev.n = 0;
+        CHECK(am2z_host_eval(h, "error('boom')", on_eval, &ev) == AM2Z_OK, "eval raising");
+        run_until(h, &ev.n, 1);
+        CHECK(ev.n == 1 && !ev.ok && ev.json && strstr(ev.json, "boom"), "%s", ev.json ? ev.json : "(none)");
+        CHECK(am2z_host_eval(h, "return (", on_eval, &ev) == AM2Z_EINVAL, "eval syntax error");
+        CHECK(strstr(am2z_host_error(h), "syntax error") != NULL, "%s", am2z_host_error(h));
+        CHECK(am2z_host_eval(h, NULL, on_eval, &ev) == AM2Z_EINVAL, "eval NULL");
+        free(ev.json);
+    }
 
     /* ---- an unknown processor: a failed result, not an error code */
     r.n = 0;
