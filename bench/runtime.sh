@@ -30,51 +30,8 @@ done
 BIN="${AM2Z_BIN:-./build/bin/am2z-lua}"
 if [ -n "$QUICK" ]; then PART_TIMEOUT=180; else PART_TIMEOUT=600; fi
 
-for tool in redis-server redis-cli node npm timeout; do
-  command -v "$tool" >/dev/null || { echo "bench/runtime.sh: $tool not found" >&2; exit 1; }
-done
-[ -x "$BIN" ] || { echo "bench/runtime.sh: $BIN missing (build first: bash scripts/setup.sh)" >&2; exit 1; }
-
-# ---- Node peer's dependencies
-if [ ! -d bench/node_modules/bullmq ] || [ ! -d bench/node_modules/ioredis ]; then
-  echo "installing bench/node_modules (bullmq, ioredis as pinned in bench/package.json)..."
-  if [ -f bench/package-lock.json ]; then
-    (cd bench && timeout 300 npm ci --no-audit --no-fund >/dev/null) || { echo "npm ci failed" >&2; exit 1; }
-  else
-    (cd bench && timeout 300 npm install --no-audit --no-fund >/dev/null) || { echo "npm install failed" >&2; exit 1; }
-  fi
-fi
-
-# ---- throwaway redis-server
-tmp=$(mktemp -d)
-redis_pid=""
-cleanup() {
-  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null; wait "$redis_pid" 2>/dev/null; fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-port=""
-for _ in $(seq 1 50); do
-  p=$((20000 + RANDOM % 20000))
-  if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then port=$p; break; fi
-done
-[ -n "$port" ] || { echo "bench/runtime.sh: no free port found" >&2; exit 1; }
-redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
-  --daemonize no >"$tmp/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 1 50); do
-  if redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
-redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 \
-  || { echo "bench/runtime.sh: redis-server did not start:" >&2; cat "$tmp/redis.log" >&2; exit 1; }
-URL="redis://127.0.0.1:$port/0"
-echo "redis-server $(redis-server --version | sed -E 's/.* v=([^ ]+).*/\1/') on $URL; $(nproc) cores;" \
-  "$("$BIN" --version 2>/dev/null | head -1); node $(node --version);" \
-  "bullmq $(node -p "require('./bench/node_modules/bullmq/package.json').version")"
-echo
+NAME=bench/runtime.sh
+source bench/env.sh
 
 # ---- the two runs (workers' temporary files go to $tmp, removed on exit)
 start=$(date +%s.%N)
