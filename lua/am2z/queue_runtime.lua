@@ -637,22 +637,39 @@ end
 function QueueRuntime:_ensureQueue(name, def)
   local q = self._queues[name]
   def = def or self._processors[name]
-  if q then
-    if self._workerEnabled and def and not self._workers[name] then self:_startWorker(name, def) end
-    return q
+  if not q then
+    q = queue.Queue.new(self:queueName(name), { prefix = self._bull, connection = self._redisOpts,
+      logger = self._logger })
+    q._c = self._conn
+    q._shared = true
+    q.processorName = name
+    self._queues[name] = q
+    -- Adding the events stream to the reader talks to Redis (yields).
+    -- Callers for the same processor meanwhile wait here: one enqueueing
+    -- before the reader follows the stream could miss its job's result.
+    q._setup = {}
+    local hub = self._hub
+    local ok, err = pcall(function() hub:addStream(q.keys.events, name) end)
+    local ws = q._setup
+    q._setup = nil
+    for _, x in ipairs(ws) do core.complete_host(x[1], x[2]) end
+    if not ok then
+      self._queues[name] = nil
+      error(err, 0)
+    end
+  elseif q._setup then
+    local token = newtoken()
+    q._setup[#q._setup + 1] = { (core.current()), token }
+    core.wait_host(token)
   end
-  q = queue.Queue.new(self:queueName(name), { prefix = self._bull, connection = self._redisOpts,
-    logger = self._logger })
-  q._c = self._conn
-  q._shared = true
-  q.processorName = name
-  self._queues[name] = q
-  self._hub:addStream(q.keys.events, name)
-  if self._workerEnabled and def then self:_startWorker(name, def) end
+  if self._workerEnabled and def and not self._workers[name] then self:_startWorker(name, def) end
   return q
 end
 
 function QueueRuntime:_startWorker(name, def)
+  -- stop() is closing the workers: one started now (a job still finishing
+  -- here enqueues to a processor without a worker yet) would never close.
+  if self._closingAll or self._workers[name] then return end
   local qc = def.config.queueConfig or {}
   local limiter
   if qc.rateLimitRpm then limiter = { max = qc.rateLimitRpm, duration = 60000 } end
@@ -1117,10 +1134,15 @@ function QueueRuntime:stop(opts)
   -- Redis is gone: then they are abandoned (a stall check recovers them).
   wait_idle(self, 2000)
   self._ready = false
-  for name, w in pairs(self._workers) do
+  -- Each close waits; meanwhile no worker may be added (_startWorker) and
+  -- the table is not traversed across those waits.
+  self._closingAll = true
+  local name, w = next(self._workers)
+  while name do
     self._workers[name] = nil
     w._abandon = true
     w:close()
+    name, w = next(self._workers)
   end
   -- workers syncProcessors is still closing: a second close waits for it
   for w in pairs(self._closingWorkers) do
@@ -1128,6 +1150,7 @@ function QueueRuntime:stop(opts)
     w:close()
   end
   self._queues = {}
+  self._closingAll = false
   self._stopping = false
   self._accept = nil
   if self._conn then self._conn:close() end
