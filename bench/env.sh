@@ -28,21 +28,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-port=""
-for _ in $(seq 1 50); do
-  p=$((20000 + RANDOM % 20000))
-  if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then port=$p; break; fi
-done
-[ -n "$port" ] || { echo "$NAME: no free port found" >&2; exit 1; }
-redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$tmp" \
-  --daemonize no >"$tmp/redis.log" 2>&1 &
-redis_pid=$!
-for _ in $(seq 1 50); do
-  if redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then break; fi
-  sleep 0.1
-done
-redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 \
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib/redis.sh"
+start_redis "$tmp" \
   || { echo "$NAME: redis-server did not start:" >&2; cat "$tmp/redis.log" >&2; exit 1; }
+port=$redis_port
 URL="redis://127.0.0.1:$port/0"
 echo "redis-server $(redis-server --version | sed -E 's/.* v=([^ ]+).*/\1/') on $URL; $(nproc) cores;" \
   "$("$BIN" --version 2>/dev/null | head -1); node $(node --version);" \

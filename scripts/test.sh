@@ -38,20 +38,14 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- throwaway redis-server on a free loopback port
-port=$(luajit -e 'math.randomseed(os.time()) print(20000 + math.random(0, 20000))')
-for _ in 1 2 3 4 5; do
-  if ! (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then break; fi
-  port=$((port + 1))
-done
+source scripts/lib/redis.sh
 if command -v redis-server >/dev/null; then
-  redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
-    --dir "$tmp" --daemonize no >"$tmp/redis.log" 2>&1 &
-  redis_pid=$!
-  for _ in $(seq 1 50); do
-    if redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then break; fi
-    sleep 0.1
-  done
-  export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+  if start_redis "$tmp"; then
+    export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/0"
+  else
+    echo "test: redis-server did not start:"; cat "$tmp/redis.log"
+    failed=$((failed + 1))
+  fi
 fi
 
 # ---- C unit tests

@@ -1308,10 +1308,15 @@ os.exit(0)
       run(function()
         local q = queue(name)
         local ev = queueEvents(name)
+        -- The waiter must come after the events reader has passed the
+        -- completion (a waiter already listening when it arrives gets the
+        -- value, as in BullMQ): wait until the reader has delivered it.
+        local seen, cond = false, newCond()
+        ev:on("completed", function() seen = true cond.notify() end)
+        ev:waitUntilReady()
         local job = assert(q:add("gone", {}, { removeOnComplete = true }))
         local w = worker(name, function() return 1 end)
-        local t = track(w)
-        t.waitFinished(job.id)
+        cond.waitFor(function() return seen end, 5000, "the completed event")
         w:close()
         local t0 = am2z.now()
         local rv, err = job:waitUntilFinished(ev, 1500)

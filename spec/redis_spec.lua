@@ -8,41 +8,9 @@ local URL = os.getenv("AM2Z_TEST_REDIS_URL")
 local function run(fn) return am2z.run(fn, { timeoutMs = TEST_TIMEOUT_MS }) end
 local silent = am2z.createSilentLogger()
 
-local function free_port()
-  for _ = 1, 20 do
-    local port = 30000 + math.random(0, 20000)
-    local ok = os.execute(("(exec 3<>/dev/tcp/127.0.0.1/%d) 2>/dev/null"):format(port))
-    if ok ~= 0 and ok ~= true then return port end
-  end
-  error("no free port")
-end
+local redis_server = require("redis_server")
 
--- Starts a private redis-server; returns its pid (asked from the server
--- itself: the pidfile of a daemonized server may not be written yet).
-local function start_server(port, dir)
-  assert(os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s "
-    .. "--daemonize yes > /dev/null"):format(port, dir)))
-  for _ = 1, 200 do
-    local p = io.popen(("redis-cli -p %d info server 2>/dev/null"):format(port))
-    local info = p:read("*a")
-    p:close()
-    local pid = tonumber(info:match("process_id:(%d+)"))
-    if pid then return pid end
-    os.execute("sleep 0.025")
-  end
-  error("redis-server did not start")
-end
-
--- kill -9, then wait until the port no longer answers (bounded).
-local function kill_server(pid, port)
-  if not pid then return end
-  os.execute(("kill -9 %d 2>/dev/null"):format(pid))
-  for _ = 1, 200 do
-    if os.execute(("redis-cli -p %d ping > /dev/null 2>&1"):format(port)) ~= 0 then return end
-    os.execute("sleep 0.01")
-  end
-  error("redis-server " .. pid .. " did not go away")
-end
+local free_port = redis_server.free_port
 
 describe("am2z.redis #redis", function()
   if not URL then
@@ -181,26 +149,18 @@ describe("am2z.redis connection loss #redis", function()
   end)
 
   it("Redis lost mid-run: calls fail with NetworkError, then the connection comes back by itself", function()
-    local dir = os.tmpname()
-    os.remove(dir)
-    os.execute("mkdir -p " .. dir)
-    local port = free_port()
-    local pid = start_server(port, dir)
-    finally(function()
-      kill_server(pid, port)
-      os.execute("rm -rf " .. dir)
-    end)
+    local srv = redis_server.start()
+    finally(function() srv:cleanup() end)
     run(function()
-      local c = assert(am2z.redis.connect{ host = "127.0.0.1", port = port, logger = silent,
+      local c = assert(am2z.redis.connect{ host = "127.0.0.1", port = srv.port, logger = silent,
                                            reconnectMax = 200 })
       assert.are.equal("OK", c:call("SET", "k", "1"))
-      kill_server(pid, port)
-      pid = nil
+      srv:kill()
       -- the drop is seen by the next call (or already, by the poll)
       local r, err = c:call("GET", "k")
       assert.is_nil(r)
       assert.is_true(errors.is(err, errors.NetworkError), tostring(err))
-      pid = start_server(port, dir)
+      srv:restart()
       -- No event announces the reconnection: wait for it, bounded.
       local deadline = am2z.now() + 5000
       while not c:isReady() and am2z.now() < deadline do am2z.sleep(20) end
