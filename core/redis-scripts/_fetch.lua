@@ -85,6 +85,8 @@ local function am2z_fetch(k_wait, k_active, k_prio, k_events, k_limiter, k_delay
     rcall("HSET", J, "processedOn", now)
   end
   rcall("HINCRBY", J, "ats", 1)
-  rcall("ZADD", k_marker, 0, "0")
+  -- Another blocked worker is woken only when there is more to take: a
+  -- marker left for an empty queue makes it fetch for nothing.
+  if rcall("LLEN", k_wait) > 0 or rcall("ZCARD", k_prio) > 0 then rcall("ZADD", k_marker, 0, "0") end
   return { rcall("HGETALL", J), id, 0, 0 }
 end

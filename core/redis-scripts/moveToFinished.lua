@@ -19,7 +19,6 @@
 local rcall = redis.call
 local P, id, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local J = P .. id
-if rcall("EXISTS", J) == 0 then return -1 end
 local lockErr = am2z_release_lock(J, ARGV[7], KEYS[5], id)
 if lockErr then return lockErr end
 if ARGV[11] ~= "" then

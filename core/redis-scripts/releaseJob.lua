@@ -6,7 +6,8 @@
   ARGV: 1 key prefix, 2 id, 3 token, 4 "back": at the back of wait instead
         (a draining worker giving away jobs it will not run: taking the
         same one again at once would keep it from the others)
-  Returns 0, or -2/-6 for a lock that is gone or someone else's.
+  Returns 0, or -1 (no such job), -2/-6 for a lock that is gone or someone
+  else's.
 ]]
 --@include _lock
 local rcall = redis.call

@@ -10,7 +10,6 @@
 local rcall = redis.call
 local P, id, now, delay = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local J = P .. id
-if rcall("EXISTS", J) == 0 then return -1 end
 local lockErr = am2z_release_lock(J, ARGV[5], KEYS[5], id)
 if lockErr then return lockErr end
 rcall("HMSET", J, "failedReason", ARGV[6], "stacktrace", ARGV[7])

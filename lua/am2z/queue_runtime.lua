@@ -592,43 +592,62 @@ local function handle_job(rt, job)
 end
 
 local REMOVE_JOBS = redis.script([[
--- KEYS: completed, failed, active, wait, prioritized, delayed
--- ARGV: key prefix, ids...
--- A child still queued (its parent ended first) goes from its list too: a
+-- KEYS: per queue: completed, failed, active, wait, prioritized, delayed
+-- ARGV: per queue, in the same order: key prefix, number of ids, ids...
+-- Almost every child has finished: it leaves its finished set (O(log N)).
+-- Only one that has not is looked for in the lists (O(N) scans): a child
+-- still queued (its parent ended first) goes from its list too, since a
 -- dangling id in wait would be handed to a worker without its hash.
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  if redis.call("LPOS", KEYS[3], id) == false then
-    redis.call("ZREM", KEYS[1], id)
-    redis.call("ZREM", KEYS[2], id)
-    redis.call("LREM", KEYS[4], 0, id)
-    redis.call("ZREM", KEYS[5], id)
-    redis.call("ZREM", KEYS[6], id)
-    redis.call("DEL", ARGV[1] .. id, ARGV[1] .. id .. ":logs")
+local rcall = redis.call
+local a, k = 1, 0
+while ARGV[a] do
+  local P, n = ARGV[a], tonumber(ARGV[a + 1])
+  for i = a + 2, a + 1 + n do
+    local id = ARGV[i]
+    local gone = rcall("ZREM", KEYS[k + 1], id) == 1 or rcall("ZREM", KEYS[k + 2], id) == 1
+    if not gone and rcall("LPOS", KEYS[k + 3], id) == false then
+      rcall("LREM", KEYS[k + 4], 0, id)
+      rcall("ZREM", KEYS[k + 5], id)
+      rcall("ZREM", KEYS[k + 6], id)
+      gone = true
+    end
+    if gone then rcall("DEL", P .. id, P .. id .. ":logs") end
   end
+  a, k = a + 2 + n, k + 6
 end
 return 0
 ]])
 
 -- Children are kept while their parent runs (a re-run parent reads their
--- results); once it has ended they go. Only finished ones: an active one
--- (the parent was cancelled or timed out) ends and is trimmed by itself.
+-- results); once it has ended they go, in one round trip for all their
+-- queues. Only finished ones: an active one (the parent was cancelled or
+-- timed out) ends and is trimmed by itself.
 function QueueRuntime:_removeChildren(children)
   if #children == 0 or not self._conn then return end
-  local byq = {}
+  local byq, order = {}, {}
   for _, c in ipairs(children) do
     local l = byq[c[1]]
-    if not l then l = {} byq[c[1]] = l end
+    if not l then
+      l = {}
+      byq[c[1]] = l
+      order[#order + 1] = c[1]
+    end
     l[#l + 1] = c[2]
   end
-  for name, ids in pairs(byq) do
+  local keys, args = {}, {}
+  for _, name in ipairs(order) do
     local q = self._queues[name]
     if q then
-      local k = q.keys
-      REMOVE_JOBS:run(self._conn, { k.completed, k.failed, k.active, k.wait, k.prioritized, k.delayed },
-        { k.P, unpack(ids) })
+      local k, ids = q.keys, byq[name]
+      for _, key in ipairs({ k.completed, k.failed, k.active, k.wait, k.prioritized, k.delayed }) do
+        keys[#keys + 1] = key
+      end
+      args[#args + 1] = k.P
+      args[#args + 1] = #ids
+      for _, id in ipairs(ids) do args[#args + 1] = id end
     end
   end
+  if #keys > 0 then REMOVE_JOBS:run(self._conn, keys, args) end
 end
 
 -- The queue of a processor (and, with workers on, its worker). def: the
