@@ -12,7 +12,9 @@
 local rcall = redis.call
 local P = ARGV[1]
 local counter = rcall("INCR", KEYS[5])
-local maxEvents = rcall("HGET", KEYS[4], "opts.maxLenEvents")
+-- One read of meta serves the events limit and the paused/maxed check.
+local meta = rcall("HMGET", KEYS[4], "opts.maxLenEvents", "paused", "concurrency")
+local maxEvents = meta[1]
 if not maxEvents then
   maxEvents = 10000
   rcall("HSET", KEYS[4], "opts.maxLenEvents", maxEvents)
@@ -37,9 +39,8 @@ rcall("HMSET", J, "name", ARGV[3], "data", ARGV[4], "opts", ARGV[5], "timestamp"
 rcall("XADD", KEYS[6], "*", "event", "added", "jobId", id, "name", ARGV[3])
 
 local function paused_or_maxed()
-  local m = rcall("HMGET", KEYS[4], "paused", "concurrency")
-  if m[1] then return true end
-  if m[2] and rcall("LLEN", KEYS[9]) >= tonumber(m[2]) then return true end
+  if meta[2] then return true end
+  if meta[3] and rcall("LLEN", KEYS[9]) >= tonumber(meta[3]) then return true end
   return false
 end
 
