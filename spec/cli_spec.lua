@@ -281,6 +281,22 @@ print(rt:execute("p", {}).success)
     assert(r.ms < 2000 * MULT, "took " .. r.ms .. " ms")
   end)
 
+  it("a metrics:stats listener does not keep it running once the script is done", function()
+    local path = script([[
+local am2z = require("am2z")
+local rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger(), monitoring = { metricsInterval = 20 } }
+rt:register(am2z.createProcessor("p"):process(function(s, ctx) ctx:sleep(70) return am2z.Success(s) end))
+local n = 0
+rt:on("metrics:stats", function(m) n = n + 1 end)
+rt:start()
+print(rt:execute("p", {}).success, n >= 2)
+]])
+    local r = run(path)
+    assert.equal(0, r.code)
+    assert.equal("true\ttrue\n", r.out)
+    assert(r.ms < 2000 * MULT, "took " .. r.ms .. " ms")
+  end)
+
   it("waits for fire-and-forget executions before exiting", function()
     local path = script([[
 local am2z = require("am2z")

@@ -718,6 +718,22 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.are.same({ "added " .. eid, "completed " .. eid }, seen)
     end)
 
+    it("monitoring = { enableQueueEvents = false }: queue:* listeners get nothing", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent, monitoring = { enableQueueEvents = false } }
+      rt:register(P("p"):process(function(s) return Success(s) end))
+      local seen = {}
+      rt:on("queue:completed", function(e) seen[#seen + 1] = e.jobId end)
+      run(function()
+        rt:start()
+        assert.is_true(rt:execute("p", {}).success)
+        -- the reader dispatches queue:completed while it handles the event
+        -- that ends execute(), before execute returns: none came
+        assert.are.same({}, seen)
+        rt:stop()
+      end)
+    end)
+
     -- BullMQ's rule: jobs without a priority come first; among prioritized
     -- ones the lower number first.
     it("withQueueConfig{ priority } is the jobs' BullMQ priority (1 before another producer's 5)", function()

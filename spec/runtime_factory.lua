@@ -22,7 +22,7 @@ function M.new(opts)
     redis = { url = assert(os.getenv("AM2Z_TEST_REDIS_URL"), "AM2Z_TEST_REDIS_URL is not set") },
     queuePrefix = "t" .. tag .. "x" .. seq,
     runtime = { maxCallDepth = opts.maxCallDepth, defaultTimeout = opts.defaultTimeout },
-    logger = opts.logger, stateManager = opts.stateManager,
+    logger = opts.logger, stateManager = opts.stateManager, monitoring = opts.monitoring,
   }
 end
 

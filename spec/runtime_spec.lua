@@ -1225,6 +1225,71 @@ describe(factory.name, function()
     end)
   end)
 
+  ---------------------------------------------------------------- metrics
+  describe("metrics:stats (monitoring)", function()
+    it("is emitted every metricsInterval ms with getStats() while started and listened to; stop ends it", function()
+      rt = new_runtime{ logger = am2z.createSilentLogger(), monitoring = { metricsInterval = 30 } }
+      rt:register(echo("m"))
+      local got, second = {}, new_signal()
+      rt:on("metrics:stats", function(stats, meta)
+        got[#got + 1] = { stats = stats, meta = meta, at = am2z.now() }
+        if #got == 2 then second.fire() end
+      end)
+      local t0, at_stop
+      run(function()
+        rt:start()
+        t0 = am2z.now()
+        assert.is_true(rt:execute("m", {}).success)
+        second.wait()
+        rt:stop()
+        at_stop = #got
+        am2z.sleep(100)
+      end)
+      assert.is_true(at_stop >= 2)
+      assert.are.equal(at_stop, #got, "emitted after stop")
+      for _, g in ipairs(got) do
+        assert.is_nil(g.meta)
+        assert.are.same({ "m" }, g.stats.registeredProcessors)
+        assert.are.equal(1, g.stats.completedJobs)
+        assert.are.equal(0, g.stats.failedJobs)
+        assert.is_number(g.stats.uptime)
+        assert.is_true(math.abs(g.stats.timestamp - os.time() * 1000) < 60000, "timestamp in ms")
+        if factory.kind == "queue" then assert.is_table(g.stats.queueStats) end
+      end
+      assert.is_true(got[1].at - t0 >= 30, "the first came after " .. (got[1].at - t0) .. " ms")
+      assert.is_true(got[2].at - got[1].at >= 29, "then after " .. (got[2].at - got[1].at) .. " ms")
+    end)
+
+    it("nothing runs without a listener, nor with enableMetrics = false", function()
+      local quiet = new_runtime{ logger = am2z.createSilentLogger(),
+                                 monitoring = { metricsInterval = 10, enableMetrics = false } }
+      local n = 0
+      quiet:on("metrics:stats", function() n = n + 1 end)
+      run(function()
+        quiet:start()
+        rt:start()
+        am2z.sleep(60)
+        assert.are.equal(0, n)
+        -- neither runtime keeps a metrics timer running for nobody
+        assert.is_nil(quiet._metricsCo)
+        assert.is_nil(rt._metricsCo)
+        quiet:stop()
+      end)
+      -- (the after_each checks the engine holds nothing once rt stops)
+    end)
+
+    it("rejects bad monitoring options with a message naming the option", function()
+      local msg = raised(function() new_runtime{ monitoring = { metricsInterval = 0 } } end)
+      assert.matches("monitoring.metricsInterval", msg, 1, true)
+      msg = raised(function() new_runtime{ monitoring = { enableMetrics = "yes" } } end)
+      assert.matches("monitoring.enableMetrics to be a boolean", msg, 1, true)
+      msg = raised(function() new_runtime{ monitoring = { interval = 5 } } end)
+      assert.matches("unknown option monitoring.interval", msg, 1, true)
+      msg = raised(function() new_runtime{ monitoring = 5 } end)
+      assert.matches("expected monitoring to be a table", msg, 1, true)
+    end)
+  end)
+
   ---------------------------------------------------------------- many / async
   describe("executeMany and executeAsync", function()
     it("executeMany runs concurrently and returns results in input order", function()

@@ -214,7 +214,7 @@ function Hub:_event(key, f)
     end, "root", 0, 0, 1)
   end
   local lname = "queue:" .. tostring(ev)
-  if rt._listeners[lname] then
+  if rt._listeners[lname] and rt._monitoring.enableQueueEvents then
     local payload = { queueName = rt._bull .. ":" .. rt._prefix .. "_" .. name, processorName = name,
                       jobId = jid }
     for k, v in pairs(f) do if k ~= "event" and k ~= "jobId" then payload[k] = v end end
@@ -375,7 +375,7 @@ function QueueRuntime.new(config)
   redis.resolve(ropts)          -- raises a clear error for bad connection options
   local wopts = check_table(fname, "worker", config.worker)
   local qopts = check_table(fname, "queue", config.queue)
-  check_table(fname, "monitoring", config.monitoring)
+  local mon = runtime._monitoringOf(fname, config.monitoring)
   local rtopts = check_table(fname, "runtime", config.runtime)
   local conc = wopts.concurrency == nil and 5 or wopts.concurrency
   if type(conc) ~= "number" or conc < 1 or conc ~= floor(conc) then
@@ -413,6 +413,7 @@ function QueueRuntime.new(config)
     stateManager = config.stateManager })
   if not ok then error((tostring(base):gsub("LocalRuntime%.new", fname .. ": runtime")), 2) end
   local self = setmetatable(base, QueueRuntime)
+  self._monitoring = mon
   self._prefix = prefix
   self._bull = bull
   self._redisOpts = ropts
@@ -537,6 +538,7 @@ function QueueRuntime:start()
   if self._started then return self end
   self._started = true
   self._startedAt = core.now()
+  self:_metricsCheck()
   self._connecting = true
   if core.in_exec() then
     self:_connect()
@@ -708,7 +710,7 @@ end
 -- queue:* listeners need every event of the streams, not only results.
 function QueueRuntime:on(event, fn)
   LocalRuntime.on(self, event, fn)
-  if type(event) == "string" and event:sub(1, 6) == "queue:" then
+  if type(event) == "string" and event:sub(1, 6) == "queue:" and self._monitoring.enableQueueEvents then
     self._allEvents = true
     if self._hub then self._hub.allEvents = true end
   end
@@ -1118,6 +1120,7 @@ function QueueRuntime:stop(opts)
   local grace = runtime._graceOf(opts)
   if not self._started and not self._conn and not self._connecting then return self end
   self._started = false
+  self:_metricsStop()
   -- Draining: workers keep taking what this process still has to run (its
   -- own executions, children of jobs running here) and give the rest back.
   local rt = self

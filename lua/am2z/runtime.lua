@@ -52,13 +52,15 @@ function LocalRuntime.new(opts)
     error("LocalRuntime.new: expected a table of options or nil, got " .. describe(opts), 2)
   end
   opts = opts or {}
-  local known = { maxCallDepth = true, defaultTimeout = true, logger = true, stateManager = true }
+  local known = { maxCallDepth = true, defaultTimeout = true, logger = true, stateManager = true,
+                  monitoring = true }
   for k in pairs(opts) do
     if not known[k] then
       error(format("LocalRuntime.new: unknown option %s (expected maxCallDepth, defaultTimeout, "
-        .. "logger, stateManager)", describe(k)), 2)
+        .. "logger, stateManager, monitoring)", describe(k)), 2)
     end
   end
+  local mon = M._monitoringOf("LocalRuntime.new", opts.monitoring)
   local depth = opts.maxCallDepth == nil and 10 or opts.maxCallDepth
   if not is_posint(depth) then
     error("LocalRuntime.new: expected maxCallDepth to be a positive integer, got " .. describe(depth), 2)
@@ -87,6 +89,7 @@ function LocalRuntime.new(opts)
     _top = 0,
     _stopWaiters = {},
     _started = false,
+    _monitoring = mon,
   }, LocalRuntime)
   all_runtimes[self] = true
   return self
@@ -252,7 +255,76 @@ function LocalRuntime:start()
     self._started = true
     self._startedAt = core.now()
   end
+  self:_metricsCheck()
   return self
+end
+
+-- ------------------------------------------------------------ metrics
+
+local METRICS_EVENT = "metrics:stats"
+
+-- The monitoring options (both runtimes), checked, with their defaults:
+-- { enableMetrics = true, metricsInterval = 10000, enableQueueEvents = true }.
+function M._monitoringOf(fname, m)
+  if m == nil then m = {} end
+  if type(m) ~= "table" then
+    error(format("%s: expected monitoring to be a table, got %s", fname, describe(m)), 3)
+  end
+  for k in pairs(m) do
+    if k ~= "enableMetrics" and k ~= "metricsInterval" and k ~= "enableQueueEvents" then
+      error(format("%s: unknown option monitoring.%s (expected enableMetrics, metricsInterval, "
+        .. "enableQueueEvents)", fname, tostring(k)), 3)
+    end
+  end
+  for _, k in ipairs({ "enableMetrics", "enableQueueEvents" }) do
+    if m[k] ~= nil and type(m[k]) ~= "boolean" then
+      error(format("%s: expected monitoring.%s to be a boolean, got %s", fname, k, describe(m[k])), 3)
+    end
+  end
+  local iv = m.metricsInterval == nil and 10000 or m.metricsInterval
+  if not is_posint(iv) or iv > UINT32_MAX then
+    error(format("%s: expected monitoring.metricsInterval to be a positive integer (ms), got %s", fname,
+      describe(iv)), 3)
+  end
+  return { enableMetrics = m.enableMetrics ~= false, metricsInterval = iv,
+           enableQueueEvents = m.enableQueueEvents ~= false }
+end
+
+-- metrics:stats is emitted every metricsInterval ms with getStats(), while
+-- the runtime is started and something listens; nothing runs otherwise (a
+-- timer would keep the loop, and am2z-lua, alive for nobody).
+function LocalRuntime:_metricsCheck()
+  if self._metricsCo or not self._started or not self._monitoring.enableMetrics
+      or not self._listeners[METRICS_EVENT] then
+    return
+  end
+  local rt = self
+  self._metricsCo = core.spawn(function()
+    local me = core.current()
+    while core.sleep(rt._monitoring.metricsInterval) do
+      if not rt._started or not rt._listeners[METRICS_EVENT] then break end
+      local ok, stats = pcall(rt.getStats, rt)
+      if ok then
+        stats.timestamp = floor(executor.wallOffset + core.now())
+        rt:_dispatch(METRICS_EVENT, stats)
+      else
+        rt._logger:error("metrics: getStats failed", { error = tostring(stats) })
+      end
+    end
+    if rt._metricsCo == me then rt._metricsCo = nil end
+    return true, true
+  end, "root", 0, 0, 1)
+end
+
+function LocalRuntime:_metricsStop()
+  local co = self._metricsCo
+  self._metricsCo = nil
+  if co then core.cancel(co) end
+end
+
+-- am2z-lua's main chunk has returned: metrics alone must not keep it running.
+function LocalRuntime:_mainDone()
+  self:_metricsStop()
 end
 
 local function cancel_all(self)
@@ -282,6 +354,7 @@ M._graceOf = grace_of
 function LocalRuntime:stop(opts)
   local grace = grace_of(opts)
   self._started = false
+  self:_metricsStop()
   if self._top == 0 then return self end
   if not core.in_exec() or grace == 0 then
     cancel_all(self)
@@ -542,6 +615,7 @@ function LocalRuntime:on(event, fn)
     self._listeners[event] = ls
   end
   ls[#ls + 1] = fn
+  if event == METRICS_EVENT then self:_metricsCheck() end
   return self
 end
 
