@@ -243,6 +243,8 @@ enum { AM2Z_REPLY_STRING = 1, AM2Z_REPLY_ARRAY = 2, AM2Z_REPLY_INTEGER = 3,
  * reply when the callback returns). */
 typedef struct am2z_reply_s {
     int                    type;
+    int                    block;    /* 1: this node, everything under it and
+                                        its strings are one allocation */
     long long              integer;
     char                  *str;      /* owned; STRING, STATUS, ERROR */
     size_t                 len;
