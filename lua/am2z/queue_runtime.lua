@@ -444,6 +444,7 @@ function QueueRuntime.new(config)
   self._regSeq = 0
   self._regGen = setmetatable({}, { __mode = "k" })
   self._regByGen = {}
+  self._regMemo, self._regMemoN = {}, 0
   self:_setRegistry(self._processors)
   if config.stateManager == nil then
     self._stateManager = require("am2z.redis_state").RedisStateManager.new(ropts)
@@ -740,9 +741,21 @@ end
 -- The registry a job's callContext.reg names, when it is one of ours.
 function QueueRuntime:_registryOf(reg)
   if type(reg) ~= "string" then return nil end
-  local rid, g = reg:match("^(%x+):(%d+)$")
-  if rid ~= self._runtimeId then return nil end
-  return self._regByGen[tonumber(g)]
+  -- Parsed once per distinct string (one per registry generation), not
+  -- once per job.
+  local memo = self._regMemo
+  local g = memo[reg]
+  if g == nil then
+    local rid, n = reg:match("^(%x+):(%d+)$")
+    g = rid == self._runtimeId and tonumber(n) or false
+    if self._regMemoN >= 256 then
+      memo = {}
+      self._regMemo, self._regMemoN = memo, 0
+    end
+    memo[reg] = g
+    self._regMemoN = self._regMemoN + 1
+  end
+  return g and self._regByGen[g] or nil
 end
 
 -- After a reload: queues and workers for new processors, none for removed.
