@@ -589,6 +589,45 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.are.equal(0, exists_after)
     end)
 
+    it("a finished parent's children in several queues are all removed: hashes and finished sets", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      rt:register(P("a"):process(function(s) s.a = (s.a or 0) + 1 return Success(s) end))
+      rt:register(P("b"):process(function(s) return Success(s) end))
+      rt:register(P("f"):process(function() return Failure(errors.BusinessError("NO", "no")) end))
+      rt:register(P("top"):process(function(s, ctx)
+        s = ctx:call("a", s).state
+        s = ctx:call("b", s).state
+        s = ctx:call("a", s).state
+        assert(not ctx:call("f", s).success)
+        return Success(s)
+      end))
+      local left
+      run(function()
+        rt:start()
+        local r = rt:execute("top", {})
+        assert.is_true(r.success, tostring(r.error))
+        assert.are.equal(2, r.state.a)
+        local R = connect()
+        left = {}
+        for _, n in ipairs({ "a", "b", "f" }) do
+          local q = "bull:" .. rt._prefix .. "_" .. n
+          for _, set in ipairs({ "completed", "failed" }) do
+            local ids = R:call("ZRANGE", q .. ":" .. set, 0, -1)
+            for _, id in ipairs(ids) do left[#left + 1] = n .. " " .. set .. " " .. id end
+          end
+          for i = 1, 4 do
+            if R:call("EXISTS", q .. ":" .. r.metadata.executionId .. "." .. i) == 1 then
+              left[#left + 1] = n .. " hash ." .. i
+            end
+          end
+        end
+        R:close()
+        rt:stop()
+      end)
+      assert.are.same({}, left)
+    end)
+
     it("a failed execution's error comes back as the same class with its fields", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }
