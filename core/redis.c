@@ -738,9 +738,12 @@ static char *resp_format(int argc, const char **argv, const size_t *argvlen, cha
         size_t l = argvlen ? argvlen[i] : strlen(argv[i]);
         total += 1 + resp_digits(l) + 2 + l + 2;
     }
-    buf = total <= small_size ? small : malloc(total);
+    /* hiredis peeks one byte past a one-argument command (its own
+     * formatter's sds strings end in a NUL): keep one there. */
+    buf = total + 1 <= small_size ? small : malloc(total + 1);
     if (buf == NULL)
         return NULL;
+    buf[total] = '\0';
     p = resp_header(buf, '*', (size_t) argc);
     for (int i = 0; i < argc; i++) {
         size_t l = argvlen ? argvlen[i] : strlen(argv[i]);
@@ -784,12 +787,13 @@ int am2z_redis_command_ex(am2z_redis_t *r, am2z_exec_t *x, uint32_t timeout_ms,
     if (cmd != NULL && cmd != small)
         free(cmd);
     if (!queued) {
+        int why = cmd == NULL ? AM2Z_ENOMEM : AM2Z_ENOTCONN;
         /* Not queued: hiredis will never call us for it. */
         q->exec = NULL;
         if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext == q)
-            am2z_exec_complete_extern(x, q->gen, AM2Z_ENOTCONN, NULL, NULL);
+            am2z_exec_complete_extern(x, q->gen, why, NULL, NULL);
         free(q);
-        return AM2Z_OK;                 /* suspended; wakes with ENOTCONN */
+        return AM2Z_OK;                 /* suspended; wakes with the error */
     }
     r->inflight++;
     if (x->req.kind == AM2Z_REQ_EXTERN && x->req.ext == q) {

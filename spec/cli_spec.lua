@@ -285,8 +285,15 @@ print(rt:execute("p", {}).success)
     local path = script([[
 local am2z = require("am2z")
 local rt = am2z.LocalRuntime.new{ logger = am2z.createSilentLogger(), monitoring = { metricsInterval = 20 } }
-rt:register(am2z.createProcessor("p"):process(function(s, ctx) ctx:sleep(70) return am2z.Success(s) end))
 local n = 0
+-- waits (bounded) until two metrics events have come
+rt:register(am2z.createProcessor("p"):process(function(s, ctx)
+  for _ = 1, 500 do
+    if n >= 2 then break end
+    ctx:sleep(10)
+  end
+  return am2z.Success(s)
+end))
 rt:on("metrics:stats", function(m) n = n + 1 end)
 rt:start()
 print(rt:execute("p", {}).success, n >= 2)

@@ -45,8 +45,9 @@ end
 
 local function pick_port()
   local low = ephemeral_low()
-  local base = math.max(low - 12000, 1025)
-  return base + math.random(0, low - base - 1), low
+  if low > 13025 then return math.random(low - 12000, low - 1), low end
+  -- no room below the range: any port may clash, the retries cover it
+  return math.random(20000, 29999), low
 end
 
 --- A loopback port nothing listens on (below the ephemeral range).
@@ -64,17 +65,22 @@ Server.__index = Server
 -- Starts redis-server on self.port and waits (bounded) until it answers.
 -- Returns false when it did not come up (the port could not be bound).
 function Server:_launch(wait_ms)
+  local pidfile = self.dir .. "/redis.pid"
+  os.remove(pidfile)
   os.execute(("redis-server --port %d --bind 127.0.0.1 --save '' --appendonly no --dir %s "
-    .. "--daemonize yes > /dev/null 2>&1"):format(self.port, self.dir))
+    .. "--daemonize yes --pidfile %s > /dev/null 2>&1"):format(self.port, self.dir, pidfile))
   local tries = math.ceil(wait_ms / 25)
   for _ = 1, tries do
-    local pid = pid_of(self.port)
-    if pid then
+    -- ours (its pidfile says so), not another server on the port
+    local pid, mine = pid_of(self.port), tonumber(read_file(pidfile) or "")
+    if pid and pid == mine then
       self.pid = pid
       return true
     end
     os.execute("sleep 0.025")
   end
+  local mine = tonumber(read_file(pidfile) or "")
+  if mine then os.execute(("kill -9 %d 2>/dev/null"):format(mine)) end
   return false
 end
 

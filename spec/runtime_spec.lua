@@ -1237,8 +1237,8 @@ describe(factory.name, function()
       end)
       local t0, at_stop
       run(function()
-        rt:start()
         t0 = am2z.now()
+        rt:start()
         assert.is_true(rt:execute("m", {}).success)
         second.wait()
         rt:stop()
@@ -1258,6 +1258,33 @@ describe(factory.name, function()
       end
       assert.is_true(got[1].at - t0 >= 30, "the first came after " .. (got[1].at - t0) .. " ms")
       assert.is_true(got[2].at - got[1].at >= 29, "then after " .. (got[2].at - got[1].at) .. " ms")
+    end)
+
+    it("a listener may stop the runtime: the stop still waits for what runs", function()
+      rt = new_runtime{ logger = am2z.createSilentLogger(), monitoring = { metricsInterval = 20 } }
+      local finished = false
+      rt:register(P("slowish"):process(function(s, ctx)
+        ctx:sleep(150)
+        finished = true
+        return Success(s)
+      end))
+      local stopped, finished_at_stop = new_signal(), nil
+      rt:on("metrics:stats", function()
+        if stopped.fired then return end
+        rt:stop{ graceMs = 5000 }
+        finished_at_stop = finished
+        stopped.fire()
+      end)
+      local r
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("slowish", {})
+        stopped.wait()
+        r = h:wait()
+      end)
+      assert.is_true(finished_at_stop, "stop() returned before the running execution finished")
+      assert.is_true(r.success, tostring(r.error))
+      assert.are.equal(1, stopped.count)
     end)
 
     it("nothing runs without a listener, nor with enableMetrics = false", function()

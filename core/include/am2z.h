@@ -240,7 +240,10 @@ enum { AM2Z_REPLY_STRING = 1, AM2Z_REPLY_ARRAY = 2, AM2Z_REPLY_INTEGER = 3,
        AM2Z_REPLY_NIL = 4, AM2Z_REPLY_STATUS = 5, AM2Z_REPLY_ERROR = 6 };
 
 /* A reply copied out of hiredis inside its callback (hiredis frees its own
- * reply when the callback returns). */
+ * reply when the callback returns). str and element are owned by their node,
+ * except under a node with block = 1: that node, its descendants and their
+ * strings are one allocation, freed with it. A reply built by other code
+ * must leave block at 0 (calloc). */
 typedef struct am2z_reply_s {
     int                    type;
     int                    block;    /* 1: this node, everything under it and

@@ -431,6 +431,7 @@ function QueueRuntime.new(config)
   self._orphans = {}        -- child job id -> processor: abandoned by an aborted parent
   self._idleWaiters = {}
   self._closingWorkers = {}
+  self._closingAll = 0
   self._callRemote = QueueRuntime._remoteCall
   -- Registry generations, so a job of an execution that started before a
   -- reload runs the code it started with when this process takes it
@@ -683,6 +684,8 @@ function QueueRuntime:_ensureQueue(name, def)
     local token = newtoken()
     q._setup[#q._setup + 1] = { (core.current()), token }
     core.wait_host(token)
+    -- The setup failed (and was undone): try it again, or fail the same way.
+    if self._queues[name] ~= q then return self:_ensureQueue(name, def) end
   end
   if self._workerEnabled and def and not self._workers[name] then self:_startWorker(name, def) end
   return q
@@ -691,7 +694,7 @@ end
 function QueueRuntime:_startWorker(name, def)
   -- stop() is closing the workers: one started now (a job still finishing
   -- here enqueues to a processor without a worker yet) would never close.
-  if self._closingAll or self._workers[name] then return end
+  if self._closingAll > 0 or self._workers[name] then return end
   local qc = def.config.queueConfig or {}
   local limiter
   if qc.rateLimitRpm then limiter = { max = qc.rateLimitRpm, duration = 60000 } end
@@ -1170,22 +1173,34 @@ function QueueRuntime:stop(opts)
   wait_idle(self, 2000)
   self._ready = false
   -- Each close waits; meanwhile no worker may be added (_startWorker) and
-  -- the table is not traversed across those waits.
-  self._closingAll = true
+  -- the table is not traversed across those waits. A worker being closed
+  -- is in _closingWorkers, so that a concurrent stop (stop + disconnect)
+  -- waits for it before closing the command connection it shares.
+  self._closingAll = self._closingAll + 1
+  local closing = self._closingWorkers
+  local function close_worker(w)
+    closing[w] = true
+    w._abandon = true
+    local ok, e = pcall(w.close, w)
+    closing[w] = nil
+    if not ok then self._logger:error("QueueRuntime: closing a worker failed", { error = tostring(e) }) end
+  end
   local name, w = next(self._workers)
   while name do
     self._workers[name] = nil
-    w._abandon = true
-    w:close()
+    close_worker(w)
     name, w = next(self._workers)
   end
-  -- workers syncProcessors is still closing: a second close waits for it
-  for w in pairs(self._closingWorkers) do
-    w._abandon = true
-    w:close()
+  -- Workers others are still closing (syncProcessors, another stop): a
+  -- second close waits for the first.
+  local others = {}
+  for cw in pairs(closing) do others[#others + 1] = cw end
+  for _, cw in ipairs(others) do
+    cw._abandon = true
+    pcall(cw.close, cw)
   end
   self._queues = {}
-  self._closingAll = false
+  self._closingAll = self._closingAll - 1
   self._stopping = false
   self._accept = nil
   if self._conn then self._conn:close() end

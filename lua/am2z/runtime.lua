@@ -294,21 +294,28 @@ end
 -- the runtime is started and something listens; nothing runs otherwise (a
 -- timer would keep the loop, and am2z-lua, alive for nobody).
 function LocalRuntime:_metricsCheck()
-  if self._metricsCo or not self._started or not self._monitoring.enableMetrics
+  if self._metricsCo or self._metricsOff or not self._started or not self._monitoring.enableMetrics
       or not self._listeners[METRICS_EVENT] then
     return
   end
   local rt = self
   self._metricsCo = core.spawn(function()
     local me = core.current()
-    while core.sleep(rt._monitoring.metricsInterval) do
-      if not rt._started or not rt._listeners[METRICS_EVENT] then break end
+    -- Still the metrics of a started runtime (not stopped, by a listener
+    -- even, nor replaced by a newer loop after a stop and a start)?
+    local function live()
+      return rt._metricsCo == me and rt._started and rt._listeners[METRICS_EVENT] ~= nil
+        and not core.aborted()
+    end
+    while core.sleep(rt._monitoring.metricsInterval) and live() do
       local ok, stats = pcall(rt.getStats, rt)
-      if ok then
+      if not ok then
+        rt._logger:error("metrics: getStats failed", { error = tostring(stats) })
+      elseif live() then    -- getStats may have waited on Redis
         stats.timestamp = floor(executor.wallOffset + core.now())
         rt:_dispatch(METRICS_EVENT, stats)
-      else
-        rt._logger:error("metrics: getStats failed", { error = tostring(stats) })
+        -- a listener may have stopped the runtime or left: no more sleeps
+        if not live() then break end
       end
     end
     if rt._metricsCo == me then rt._metricsCo = nil end
@@ -319,11 +326,15 @@ end
 function LocalRuntime:_metricsStop()
   local co = self._metricsCo
   self._metricsCo = nil
-  if co then core.cancel(co) end
+  -- From a metrics:stats listener, the loop is the caller (a stop() there
+  -- must keep its own waits): it ends by itself once the listener returns.
+  if co and co ~= core.current() then core.cancel(co) end
 end
 
--- am2z-lua's main chunk has returned: metrics alone must not keep it running.
+-- am2z-lua's main chunk has returned: metrics alone must not keep it
+-- running, now or after a later start() or on().
 function LocalRuntime:_mainDone()
+  self._metricsOff = true
   self:_metricsStop()
 end
 
@@ -627,6 +638,7 @@ function LocalRuntime:off(event, fn)
     if f ~= fn then keep[#keep + 1] = f end
   end
   self._listeners[event] = #keep > 0 and keep or nil
+  if event == METRICS_EVENT and #keep == 0 then self:_metricsStop() end
   return self
 end
 
