@@ -25,12 +25,10 @@ VG=(valgrind --quiet --trace-children=yes
 "${VG[@]}" ./build/test_core || status=1
 # a throwaway redis-server, so the Redis specs run under valgrind too
 tmp=$(mktemp -d)
-port=$((30000 + RANDOM % 20000))
-redis-server --bind 127.0.0.1 --port "$port" --save "" --appendonly no --dir "$tmp" \
-  --daemonize yes --pidfile "$tmp/redis.pid" >/dev/null
-for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-trap 'kill $(cat "$tmp/redis.pid" 2>/dev/null) 2>/dev/null; rm -rf "$tmp"' EXIT
-export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$port/0"
+source scripts/lib/redis.sh
+trap 'if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null; wait "$redis_pid" 2>/dev/null; fi; rm -rf "$tmp"' EXIT
+start_redis "$tmp" || { echo "check-memory: redis-server did not start"; cat "$tmp/redis.log"; exit 1; }
+export AM2Z_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/0"
 runner=$(mktemp --suffix=.lua)
 echo "require 'busted.runner'({ standalone = false })" > "$runner"
 AM2Z_UNDER_VALGRIND=1 AM2Z_TEST_TIMEOUT_MULT=20 AM2Z_BIN="$PWD/build/bin/am2z-lua" \

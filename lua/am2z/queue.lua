@@ -491,7 +491,7 @@ M.Worker = Worker
 local WORKER_OPTS = { connection = true, prefix = true, concurrency = true, lockDuration = true,
                       stalledInterval = true, maxStalledCount = true, drainDelay = true,
                       limiter = true, removeOnComplete = true, removeOnFail = true, name = true,
-                      autorun = true, logger = true, _errorField = true, _sharedConn = true }
+                      autorun = true, logger = true, _errorField = true }
 
 local function b64(s)
   local chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
@@ -818,14 +818,7 @@ end
 
 local function main_loop_body(w)
   local ok, err = pcall(function()
-    -- A command connection lent by the owner (QueueRuntime: one for all its
-    -- workers, so one loop turn's commands go out in one write, and Redis
-    -- reads them in one) is not closed by this worker.
-    if w._opts._sharedConn then
-      w._conn, w._connShared = w._opts._sharedConn, true
-    else
-      w._conn = connect(w._opts.connection, nil, w._logger)
-    end
+    w._conn = connect(w._opts.connection, nil, w._logger)
     w.queue._c = w._conn
     local cname = w.prefix .. ":" .. b64(w.name) .. (w.workerName and (":w:" .. w.workerName) or "")
     w._bconn = connect(w._opts.connection, cname, w._logger)
@@ -992,7 +985,7 @@ function Worker:close()
       wait_slot(self)
     end
   end
-  if self._conn and not self._connShared then self._conn:close() end
+  if self._conn then self._conn:close() end
   if self._bconn then self._bconn:close() end
   if self._keeper then core.lockkeeper_close(self._keeper) end
   self._keeper = nil

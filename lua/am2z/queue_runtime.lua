@@ -706,7 +706,7 @@ function QueueRuntime:_startWorker(name, def)
          concurrency = qc.concurrency or self._concurrency, limiter = limiter,
          lockDuration = wo.lockDuration, stalledInterval = wo.stalledInterval,
          maxStalledCount = wo.maxStalledCount, logger = self._logger:withSource("worker:" .. name),
-         _errorField = error_field, _sharedConn = self._conn })
+         _errorField = error_field })
   w._accept = self._accept          -- set while stop() drains
   self._workers[name] = w
 end
