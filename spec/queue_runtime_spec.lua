@@ -95,6 +95,13 @@ local function cleanup_procs()
     if alive(p.pid) then os.execute(("kill -9 %d 2>/dev/null"):format(p.pid)) end
   end
   procs = {}
+  -- A test that failed before its rt:stop() must not leave its runtime
+  -- running into the next tests (their engine-idle checks would fail too).
+  for rt in pairs(require("am2z.runtime")._all) do
+    if rt._started or rt._conn then
+      am2z.run(function() rt:stop{ graceMs = 0 } end, { timeoutMs = TEST_TIMEOUT_MS })
+    end
+  end
 end
 
 local function tmpdir()
