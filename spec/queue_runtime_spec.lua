@@ -242,6 +242,27 @@ require("am2z.core").spawn(function() print("async", h:wait().success) return tr
       assert.are.equal("CancelledError", aborted)
     end)
 
+    it("stop()'s grace deadline cancels the executions it started that run in another process", function()
+      local prefix, dir = fresh(), tmpdir()
+      start_worker(prefix, dir)
+      local rt = producer(prefix, dir)
+      local r, aborted
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("slow", {})
+        poll(function() return file_exists(dir .. "/slow-running") end, 10000, "the execution to start")
+        rt:stop{ graceMs = 100 }
+        r = h:wait()
+        local R = connect()
+        poll(function() return R:call("GET", prefix .. ":slow-aborted") ~= nil end, 5000, "the job to be aborted")
+        aborted = R:call("GET", prefix .. ":slow-aborted")
+        R:close()
+      end, 20000)
+      assert.is_false(r.success)
+      assert.is_true(errors.is(r.error, errors.CancelledError), tostring(r.error))
+      assert.are.equal("CancelledError", aborted)
+    end)
+
     it("a parent's timeout fails it with TimeoutError and aborts its child in another process", function()
       local prefix, dir = fresh(), tmpdir()
       start_worker(prefix, dir)

@@ -1166,6 +1166,20 @@ function QueueRuntime:stop(opts)
     self._cancelled[eid] = true
     core.cancel(cid)
   end
+  -- Executions this process started that still run (or wait) elsewhere are
+  -- cancelled there too; here their waits end with CancelledError when the
+  -- reader closes. Sent before that, on the connection that closes last.
+  local pend = {}
+  for eid, name in pairs(self._pending) do pend[#pend + 1] = { eid, name } end
+  for _, p in ipairs(pend) do
+    local q = self._queues[p[2]]
+    if q and self._conn and core.in_exec() then
+      pcall(MARK_CANCEL.run, MARK_CANCEL, self._conn, { q.keys.P .. p[1], self._prefix .. ":control" },
+        { p[1] })
+    elseif q then
+      self:_broadcastCancel(p[2], p[1])
+    end
+  end
   if self._hub then self._hub:close() end
   self._hub = nil
   -- Cancelled jobs still record their failure through their worker, unless
