@@ -165,9 +165,13 @@ function Hub:await(jid, w)
   w.co, w.token = (core.current()), newtoken()
   local ok, reason = core.wait_host(w.token)
   w.co = false
-  if w.result then return w.result end
+  -- Aborted, even when a result came in before this coroutine ran again
+  -- (stop() cancels, then its closing reader fails every waiter): the
+  -- caller must still treat the child as abandoned and cancel it. The
+  -- third value tells that the child had a result already.
+  if ok and w.result then return w.result end
   self:unregister(jid, w)
-  return nil, ok and "ECANCELED" or reason
+  return nil, ok and "ECANCELED" or reason, w.result ~= nil
 end
 
 -- The id a stream joins the reader at: its last entry, or the beginning
@@ -946,14 +950,18 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
         self._cancelReq[eid] = nil
         self:_broadcastCancel(name, eid)
       end
-      local res, reason = hub:await(eid, w)
+      local res, reason, had_result = hub:await(eid, w)
       if res then
         result = res
       else
         -- We were aborted (cancelled, timed out): so is the child, whose job
-        -- is removed once it ends (nobody will read its result).
-        if parent then self._orphans[eid] = name end
-        self:_broadcastCancel(name, eid)
+        -- is removed once it ends (nobody will read its result). Except
+        -- at a stop deadline under another producer's execution: that goes
+        -- back to its queue, children included, to be resumed elsewhere.
+        if not (self._stopping and j and not self._pending[j.root]) then
+          if parent and not had_result then self._orphans[eid] = name end
+          self:_broadcastCancel(name, eid)
+        end
         result = fail_result(name, eid, sid, state, errors.fromCore(reason or "ECANCELED",
           format("Execution of '%s' was interrupted: its caller was aborted", name)))
       end
