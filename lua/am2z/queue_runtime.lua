@@ -1056,19 +1056,7 @@ function QueueRuntime:executeAsync(name, state, sessionId)
 end
 
 function QueueRuntime:executeMany(name, states, sessionId)
-  if type(states) ~= "table" then
-    error("executeMany: expected a list of state tables, got " .. describe(states), 2)
-  end
-  for i, s in ipairs(states) do
-    if type(s) ~= "table" then
-      error(format("executeMany: expected states[%d] to be a state table, got %s", i, describe(s)), 2)
-    end
-  end
-  check_exec_args(self, "executeMany", name, {}, sessionId)
-  if not core.in_exec() then
-    error("executeMany: must be called inside an engine coroutine (am2z.run(fn), a processor, "
-      .. "or the main chunk of a script run by am2z-lua)", 2)
-  end
+  runtime._checkManyArgs(self, name, states, sessionId)
   local hs = {}
   for i, s in ipairs(states) do hs[i] = self:executeAsync(name, s, sessionId) end
   local out = {}

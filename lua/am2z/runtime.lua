@@ -396,19 +396,22 @@ end
 
 -- ------------------------------------------------------------ execution
 
-local function check_exec_args(self, fname, name, state, sid)
+-- level: of the user's call, seen from here (3 when called by the API
+-- function itself).
+local function check_exec_args(self, fname, name, state, sid, level)
+  level = level or 3
   if type(name) ~= "string" then
-    error(format("%s: expected a processor name (string), got %s", fname, describe(name)), 3)
+    error(format("%s: expected a processor name (string), got %s", fname, describe(name)), level)
   end
   if type(state) ~= "table" then
-    error(format("%s: expected a state table, got %s", fname, describe(state)), 3)
+    error(format("%s: expected a state table, got %s", fname, describe(state)), level)
   end
   if sid ~= nil and (type(sid) ~= "string" or sid == "") then
     error(format("%s: expected sessionId to be a non-empty string or nil, got %s", fname,
-      describe(sid)), 3)
+      describe(sid)), level)
   end
   if not self._started then
-    error(format("%s: the runtime is not started (call runtime:start() first)", fname), 3)
+    error(format("%s: the runtime is not started (call runtime:start() first)", fname), level)
   end
 end
 
@@ -480,18 +483,27 @@ local function many_done(b, r)
   if b.left == 0 and b.waiter then core.complete_host(b.waiter, b.token) end
 end
 
---- Executes the processor once per state, concurrently; results in order.
-function LocalRuntime:executeMany(name, states, sessionId)
+-- executeMany's arguments (both runtimes); errors name the caller's line.
+local function check_many_args(self, name, states, sessionId)
   if type(states) ~= "table" then
-    error("executeMany: expected a list of state tables, got " .. describe(states), 2)
+    error("executeMany: expected a list of state tables, got " .. describe(states), 3)
   end
   for i, s in ipairs(states) do
     if type(s) ~= "table" then
-      error(format("executeMany: expected states[%d] to be a state table, got %s", i, describe(s)), 2)
+      error(format("executeMany: expected states[%d] to be a state table, got %s", i, describe(s)), 3)
     end
   end
-  check_exec_args(self, "executeMany", name, {}, sessionId)
-  check_in_exec("executeMany")
+  check_exec_args(self, "executeMany", name, {}, sessionId, 4)
+  if not core.in_exec() then
+    error("executeMany: must be called inside an engine coroutine (am2z.run(fn), a processor, "
+      .. "or the main chunk of a script run by am2z-lua)", 3)
+  end
+end
+M._checkManyArgs = check_many_args
+
+--- Executes the processor once per state, concurrently; results in order.
+function LocalRuntime:executeMany(name, states, sessionId)
+  check_many_args(self, name, states, sessionId)
   local n = #states
   -- Each execution runs without a waiting coroutine of its own (as with
   -- executeAsync); this coroutine waits once for all of them.
