@@ -827,7 +827,9 @@ redis.call("XADD", KEYS[2], "MAXLEN", "~", 1000, "*", "event", "cancel", "jobId"
 return 0
 ]])
 
-function QueueRuntime:_broadcastCancel(name, eid)
+-- In the background, or (now = true, inside an engine coroutine) before
+-- returning.
+function QueueRuntime:_broadcastCancel(name, eid, now)
   local q = self._queues[name]
   -- Not enqueued yet: _run sees the request and does not enqueue it.
   if not (q and self._conn) then
@@ -839,7 +841,7 @@ function QueueRuntime:_broadcastCancel(name, eid)
     MARK_CANCEL:run(rt._conn, { q.keys.P .. eid, rt._prefix .. ":control" }, { eid })
     return true, true
   end
-  core.spawn(send, "root", 0, 0, 1)
+  if now and core.in_exec() then pcall(send) else core.spawn(send, "root", 0, 0, 1) end
 end
 
 --- Cancels an execution by id, wherever it runs; it fails with CancelledError.
@@ -1167,15 +1169,7 @@ function QueueRuntime:stop(opts)
   -- reader closes. Sent before that, on the connection that closes last.
   local pend = {}
   for eid, name in pairs(self._pending) do pend[#pend + 1] = { eid, name } end
-  for _, p in ipairs(pend) do
-    local q = self._queues[p[2]]
-    if q and self._conn and core.in_exec() then
-      pcall(MARK_CANCEL.run, MARK_CANCEL, self._conn, { q.keys.P .. p[1], self._prefix .. ":control" },
-        { p[1] })
-    elseif q then
-      self:_broadcastCancel(p[2], p[1])
-    end
-  end
+  for _, p in ipairs(pend) do self:_broadcastCancel(p[2], p[1], true) end
   if self._hub then self._hub:close() end
   self._hub = nil
   -- Cancelled jobs still record their failure through their worker, unless
