@@ -857,6 +857,45 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.is_false(ran)
     end)
 
+    -- The add times out in the parent, but Redis runs it later: the parent's
+    -- own clean-up follows it on the same connection and takes the child out
+    -- of its queue before any worker can.
+    it("a parent timed out while its child's add is on its way: the child never runs and is removed", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      local reached, kid_ran = false, false
+      rt:register(P("kid"):process(function(s) kid_ran = true return Success(s) end))
+      rt:register(P("mom"):withTimeout(math.min(150 * MULT, 1500)):process(function(s, ctx)
+        reached = true
+        -- Meanwhile the test makes Redis busy, so the add below is still
+        -- waiting for its reply when the timeout fires.
+        am2z.sleep(math.min(50 * MULT, 500))
+        return ctx:call("kid", s)
+      end))
+      local r, child, exists
+      run(function()
+        rt:start()
+        local h = rt:executeAsync("mom", {})
+        poll(function() return reached end, 5000, "the parent to start")
+        local busy = math.min(600 * MULT, 3000)
+        local B = connect()
+        B:call("EVAL", "local t = redis.call('TIME') local e = t[1] * 1000 + t[2] / 1000 + tonumber(ARGV[1]) "
+          .. "repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 >= e return 0", 0, busy)
+        B:close()
+        r = h:wait()
+        local R = connect()
+        child = "bull:" .. prefix .. "_kid:" .. h.executionId .. ".1"
+        poll(function() return R:call("EXISTS", child) == 0 end, 5000, "the child job to be removed")
+        exists = R:call("ZCARD", "bull:" .. prefix .. "_kid:completed") + R:call("ZCARD", "bull:" .. prefix .. "_kid:failed")
+        R:close()
+        rt:stop()
+      end, 20000)
+      assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
+      assert.is_false(kid_ran)
+      assert.are.equal(0, exists)
+    end)
+
     it("unregister + syncProcessors while a parent waits on its child: the parent still finishes", function()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
         logger = silent }

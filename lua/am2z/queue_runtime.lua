@@ -171,7 +171,7 @@ function Hub:await(jid, w)
   -- third value tells that the child had a result already.
   if ok and w.result then return w.result end
   self:unregister(jid, w)
-  return nil, ok and "ECANCELED" or reason, w.result ~= nil
+  return nil, ok and "ECANCELED" or reason, w.result ~= false
 end
 
 -- The id a stream joins the reader at: its last entry, or the beginning
@@ -212,10 +212,7 @@ function Hub:_event(key, f)
   end
   if (ev == "completed" or ev == "failed") and jid and rt._orphans[jid] then
     rt._orphans[jid] = nil
-    core.spawn(function()
-      rt:_removeChildren({ { name, jid } })
-      return true, true
-    end, "root", 0, 0, 1)
+    rt:_removeChildrenLater(name, jid)
   end
   local lname = "queue:" .. tostring(ev)
   if rt._listeners[lname] and rt._monitoring.enableQueueEvents then
@@ -658,6 +655,15 @@ function QueueRuntime:_removeChildren(children)
   if #keys > 0 then REMOVE_JOBS:run(self._conn, keys, args) end
 end
 
+-- Removes one child job in the background (see _removeChildren).
+function QueueRuntime:_removeChildrenLater(name, jid)
+  local rt = self
+  core.spawn(function()
+    rt:_removeChildren({ { name, jid } })
+    return true, true
+  end, "root", 0, 0, 1)
+end
+
 -- The queue of a processor (and, with workers on, its worker). def: the
 -- definition the caller runs on; an execution pinned to an older registry
 -- may need a processor since unregistered, whose worker must exist then.
@@ -957,11 +963,18 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
         result = res
       else
         -- We were aborted (cancelled, timed out): so is the child, whose job
-        -- is removed once it ends (nobody will read its result). Except
-        -- at a stop deadline under another producer's execution: that goes
-        -- back to its queue, children included, to be resumed elsewhere.
-        if not (self._stopping and j and not self._pending[j.root]) then
-          if parent and not had_result then self._orphans[eid] = name end
+        -- is removed once it ends (nobody will read its result).
+        if not self:_givenBack(j) then
+          if parent then
+            if had_result then
+              -- It has ended already, perhaps after its parent's job (which
+              -- the executor ends at a timeout before this body unwinds)
+              -- removed the children it had then.
+              self:_removeChildrenLater(name, eid)
+            else
+              self._orphans[eid] = name
+            end
+          end
           self:_broadcastCancel(name, eid)
         end
         result = fail_result(name, eid, sid, state, errors.fromCore(reason or "ECANCELED",
@@ -972,6 +985,13 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
   if j then back_to_slot(j) end
   if result.state == nil then result.state = statem.clone(state) end
   return result
+end
+
+-- At a stop deadline, a job running another producer's execution goes back
+-- to its queue with its children, to be resumed: an aborted child of it is
+-- left alone then (j: the parent's job record here).
+function QueueRuntime:_givenBack(j)
+  return self._stopping and j ~= nil and not self._pending[j.root]
 end
 
 function QueueRuntime._remoteCall(rt, ctx, name, state, sid, depth, eid)
