@@ -53,6 +53,19 @@ local function step(name, f, ms, timeout)
   end)
 end
 
+-- Concurrency without a clock: processors meeting at a barrier all arrive
+-- only if they run at the same time (one after another, the first gives up
+-- after a while and reports false).
+local function barrier(n) return { n = n, arrived = 0 } end
+local function meet(b, ctx)
+  b.arrived = b.arrived + 1
+  local deadline = am2z.now() + slack(2000)
+  while b.arrived < b.n and am2z.now() < deadline do
+    if not ctx:sleep(5) then return false end
+  end
+  return b.arrived >= b.n
+end
+
 -- A processor that must never run: counts its runs in `hits[name]`.
 local function sentinel(name, hits)
   return am2z.createProcessor(name):process(function(state)
@@ -177,16 +190,17 @@ describe("am2z composition (" .. factory.name .. ")", function()
     end)
 
     it("by default allows the sum of its children's timeouts, not their maximum", function()
-      -- each step takes ~70 ms against its own 100 ms; together ~140 ms:
-      -- over the max (100) but within the sum (200)
-      rt:register(am2z.chainProcessors{ name = "two-slow", processors = {
-        step("slow-1", function(s) s.one = true end, 70, 100),
-        step("slow-2", function(s) s.two = true end, 70, 100),
+      -- each step takes ~50 ms against its own 100 ms; together ~150 ms:
+      -- over the max (100) but within the sum (300)
+      rt:register(am2z.chainProcessors{ name = "three-slow", processors = {
+        step("slow-1", function(s) s.one = true end, 50, 100),
+        step("slow-2", function(s) s.two = true end, 50, 100),
+        step("slow-3", function(s) s.three = true end, 50, 100),
       } })
-      local r, elapsed = execute_timed("two-slow", {})
+      local r, elapsed = execute_timed("three-slow", {})
       assert.is_true(r.success, tostring(r.error))
-      assert.is_true(r.state.one and r.state.two)
-      assert.is_true(elapsed >= 135, "elapsed " .. elapsed)
+      assert.is_true(r.state.one and r.state.two and r.state.three)
+      assert.is_true(elapsed >= 145, "elapsed " .. elapsed)
     end)
 
     it("times out at the sum of its children's timeouts", function()
@@ -209,8 +223,10 @@ describe("am2z composition (" .. factory.name .. ")", function()
       assert.is_false(r.success)
       assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
       assert.are.equal(100, r.error.details.timeoutMs)
-      assert.is_true(elapsed >= 95 and elapsed < slack(160), "elapsed " .. elapsed)
-      assert.is_true(attempts >= 3 and attempts <= 4, "attempts " .. attempts)
+      -- (unbounded: 5 attempts, ~250 ms; a loaded machine may fit fewer
+      -- than 3 attempts in the 100 ms)
+      assert.is_true(elapsed >= 95 and elapsed < slack(240), "elapsed " .. elapsed)
+      assert.is_true(attempts >= 2 and attempts <= 4, "attempts " .. attempts)
       assert.is_nil(hits.tail)
     end)
 
@@ -236,24 +252,24 @@ describe("am2z composition (" .. factory.name .. ")", function()
 
   describe("parallelProcessors", function()
     it("gives every child the same input and runs them concurrently", function()
-      local inputs = {}
+      local inputs, met, b = {}, {}, barrier(3)
       local function child(name)
-        return step(name, function(s)
+        return step(name, function(s, ctx)
           inputs[name] = { input = s.input, a = s.a, b = s.b, c = s.c }
+          met[name] = meet(b, ctx)
           s[name] = true
-        end, 50)
+        end)
       end
       rt:register(am2z.parallelProcessors{ name = "fan",
         processors = { child("a"), child("b"), child("c") } })
-      local r, elapsed = execute_timed("fan", { input = "same" })
+      local r = execute("fan", { input = "same" })
       assert.is_true(r.success, tostring(r.error))
       for _, n in ipairs({ "a", "b", "c" }) do
         -- no child saw a sibling's output
         assert.are.same({ input = "same" }, inputs[n])
         assert.is_true(r.state[n])
+        assert.is_true(met[n], n .. " did not run at the same time as its siblings")
       end
-      assert.is_true(elapsed >= 48, "elapsed " .. elapsed)
-      assert.is_true(elapsed < 120, "three 50 ms children took " .. elapsed .. " ms")
     end)
 
     it("merges in processor order regardless of finish order (later keys win)", function()
@@ -468,10 +484,10 @@ describe("am2z composition (" .. factory.name .. ")", function()
 
   describe("batchProcessor", function()
     it("runs the target once per payload, concurrently, each in its payload's session", function()
-      local seen = {}
+      local seen, b = {}, barrier(3)
       rt:register(am2z.createProcessor("txn"):process(function(state, ctx)
         seen[#seen + 1] = { ctx = ctx.meta.sessionId, state = state.metadata.sessionId }
-        assert(ctx:sleep(50))
+        seen[#seen].met = meet(b, ctx)
         state.done = true
         return Success(state)
       end))
@@ -480,17 +496,15 @@ describe("am2z composition (" .. factory.name .. ")", function()
         am2z.createAppState("s2", { n = 2 }),
         am2z.createAppState("s3", { n = 3 }),
       } })
-      local r, elapsed = execute_timed("txn-batch", am2z.createAppState("batch-session"))
+      local r = execute("txn-batch", am2z.createAppState("batch-session"))
       assert.is_true(r.success, tostring(r.error))
       assert.are.equal(3, #seen)
       table.sort(seen, function(x, y) return x.ctx < y.ctx end)
       for i, s in ipairs(seen) do
         assert.are.equal("s" .. i, s.ctx)
         assert.are.equal(s.state, s.ctx)
+        assert.is_true(s.met, s.ctx .. " did not run at the same time as the other payloads")
       end
-      assert.is_true(elapsed >= 48, "elapsed " .. elapsed)
-      -- one after the other they would take 150 ms or more
-      assert.is_true(elapsed < 150, "three 50 ms payloads took " .. elapsed .. " ms")
       -- the batch's own session is untouched by the payloads' sessions
       assert.are.equal("batch-session", r.state.metadata.sessionId)
     end)
