@@ -991,7 +991,7 @@ end
 -- to its queue with its children, to be resumed: an aborted child of it is
 -- left alone then (j: the parent's job record here).
 function QueueRuntime:_givenBack(j)
-  return self._stopping and j ~= nil and not self._pending[j.root]
+  return (self._stopping and j and not self._pending[j.root]) and true or false
 end
 
 function QueueRuntime._remoteCall(rt, ctx, name, state, sid, depth, eid)
