@@ -857,43 +857,138 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       assert.is_false(ran)
     end)
 
-    -- The add times out in the parent, but Redis runs it later: the parent's
-    -- own clean-up follows it on the same connection and takes the child out
-    -- of its queue before any worker can.
+    -- The add is cut off by the parent's timeout, but Redis runs it later:
+    -- the parent's clean-up, right behind it on the same connection, takes
+    -- the child out of its queue before any worker can.
     it("a parent timed out while its child's add is on its way: the child never runs and is removed", function()
       local prefix = fresh()
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
         logger = silent }
-      local reached, kid_ran = false, false
+      local gate, kid_ran = {}, false
+      local T = 300 * MULT
       rt:register(P("kid"):process(function(s) kid_ran = true return Success(s) end))
-      rt:register(P("mom"):withTimeout(math.min(150 * MULT, 1500)):process(function(s, ctx)
-        reached = true
-        -- Meanwhile the test makes Redis busy, so the add below is still
-        -- waiting for its reply when the timeout fires.
-        am2z.sleep(math.min(50 * MULT, 500))
+      rt:register(P("mom"):withTimeout(T):process(function(s, ctx)
+        gate.w = { (core.current()), 0x7201 }
+        core.wait_host(0x7201)
         return ctx:call("kid", s)
       end))
-      local r, child, exists
+      local r, h, counts
       run(function()
+        -- As after a Redis restart: no script is loaded. One loaded on first
+        -- use would reach Redis a round trip late, after a worker took the job.
+        local F = connect()
+        F:call("SCRIPT", "FLUSH")
+        F:close()
         rt:start()
-        local h = rt:executeAsync("mom", {})
-        poll(function() return reached end, 5000, "the parent to start")
-        local busy = math.min(600 * MULT, 3000)
-        local B = connect()
-        B:call("EVAL", "local t = redis.call('TIME') local e = t[1] * 1000 + t[2] / 1000 + tonumber(ARGV[1]) "
-          .. "repeat t = redis.call('TIME') until t[1] * 1000 + t[2] / 1000 >= e return 0", 0, busy)
-        B:close()
-        r = h:wait()
+        h = rt:executeAsync("mom", {})
+        poll(function() return gate.w ~= nil end, 5000, "the parent to start")
+        -- Writes (scripts included) wait until the pause ends, well after
+        -- the parent's timeout: the add is in flight when it fires.
         local R = connect()
-        child = "bull:" .. prefix .. "_kid:" .. h.executionId .. ".1"
-        poll(function() return R:call("EXISTS", child) == 0 end, 5000, "the child job to be removed")
-        exists = R:call("ZCARD", "bull:" .. prefix .. "_kid:completed") + R:call("ZCARD", "bull:" .. prefix .. "_kid:failed")
+        assert(R:call("CLIENT", "PAUSE", T + 700 * MULT, "WRITE"))
+        core.complete_host(gate.w[1], gate.w[2])
+        r = h:wait()
+        local child = "bull:" .. prefix .. "_kid:" .. h.executionId .. ".1"
+        poll(function() return R:call("EXISTS", child) == 0 end, 5000 + T, "the child job to be removed")
+        counts = R:call("ZCARD", "bull:" .. prefix .. "_kid:completed") + R:call("ZCARD", "bull:" .. prefix .. "_kid:failed")
         R:close()
         rt:stop()
       end, 20000)
       assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
       assert.is_false(kid_ran)
-      assert.are.equal(0, exists)
+      assert.are.equal(0, counts)
+    end)
+
+    it("calls an aborted parent makes while it unwinds are not started (as on LocalRuntime)", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      local fb_ran, late = false, nil
+      rt:register(P("slow"):process(function(s, ctx)
+        if not ctx:sleep(60000) then return Failure(ctx.signal.reason) end
+        return Success(s)
+      end))
+      rt:register(P("fallback"):process(function(s) fb_ran = true return Success(s) end))
+      rt:register(P("mom"):withTimeout(100 * MULT):process(function(s, ctx)
+        local r = ctx:call("slow", s)
+        if not r.success then late = ctx:call("fallback", s) end
+        return r
+      end))
+      local r, left
+      run(function()
+        rt:start()
+        r = rt:execute("mom", {})
+        poll(function() return late ~= nil end, 5000, "the parent's body to unwind")
+        local R = connect()
+        poll(function() return R:call("EXISTS", "bull:" .. prefix .. "_slow:" .. r.metadata.executionId .. ".1") == 0 end,
+          5000, "the first child to be removed")
+        left = R:call("KEYS", "bull:" .. prefix .. "_fallback:" .. r.metadata.executionId .. "*")
+        R:close()
+        rt:stop()
+      end, 20000)
+      assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
+      assert.is_false(late.success)
+      assert.is_false(fb_ran)
+      assert.are.same({}, left)
+    end)
+
+    it("a parent timed out while its child still waits in the queue: the child is removed, nothing is kept for it", function()
+      local prefix = fresh()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
+        logger = silent }
+      local gate, kid_runs = {}, 0
+      rt:register(P("kid"):withQueueConfig{ concurrency = 1 }:process(function(s)
+        kid_runs = kid_runs + 1
+        if s.block then
+          gate.w = { (core.current()), 0x7202 }
+          core.wait_host(0x7202)
+        end
+        return Success(s)
+      end))
+      rt:register(P("mom"):withTimeout(100 * MULT):process(function(s, ctx) return ctx:call("kid", s) end))
+      local r, orphans
+      run(function()
+        rt:start()
+        local blocker = rt:executeAsync("kid", { block = true })
+        poll(function() return gate.w ~= nil end, 5000, "the blocker to take the only slot")
+        r = rt:execute("mom", {})
+        local R = connect()
+        local child = "bull:" .. prefix .. "_kid:" .. r.metadata.executionId .. ".1"
+        poll(function() return R:call("EXISTS", child) == 0 end, 5000, "the queued child to be removed")
+        poll(function() return next(rt._orphans) == nil end, 5000, "nothing to be kept for it")
+        orphans = next(rt._orphans)
+        R:close()
+        core.complete_host(gate.w[1], gate.w[2])
+        assert.is_true(blocker:wait().success)
+        rt:stop()
+      end, 20000)
+      assert.is_true(errors.is(r.error, errors.TimeoutError), tostring(r.error))
+      assert.is_nil(orphans)
+      assert.are.equal(1, kid_runs)
+    end)
+
+    it("stop() while an execution sets up a processor's queue: the execution ends, nothing hangs", function()
+      local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = fresh(),
+        logger = silent }
+      rt:register(P("a"):process(function(s) return Success(s) end))
+      local ran, r, in_setup = false, nil, false
+      run(function()
+        rt:start()
+        assert.is_true(rt:execute("a", {}).success)
+        rt:register(P("late"):process(function(s) ran = true return Success(s) end))
+        local h = rt:executeAsync("late", {})
+        for _ = 1, 1000 do
+          local q = rt._queues.late
+          if q and q._setup then in_setup = true break end
+          core.yield()
+        end
+        rt:stop{ graceMs = 0 }
+        r = h:wait()
+      end, 10000)
+      assert.is_true(in_setup, "the execution never reached its queue's set-up")
+      assert.is_false(r.success)
+      assert.is_true(errors.is(r.error, errors.CancelledError), tostring(r.error))
+      assert.is_false(ran)
     end)
 
     it("unregister + syncProcessors while a parent waits on its child: the parent still finishes", function()

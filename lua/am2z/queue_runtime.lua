@@ -113,6 +113,9 @@ local function error_field(v)
   return nil
 end
 
+-- Server-side scripts of this module (defined below, preloaded at connect).
+local REMOVE_JOBS, MARK_CANCEL
+
 -- ------------------------------------------------------------ the hub
 
 -- One blocking reader of every processor queue's events stream and of the
@@ -167,17 +170,19 @@ function Hub:await(jid, w)
   w.co = false
   -- Aborted, even when a result came in before this coroutine ran again
   -- (stop() cancels, then its closing reader fails every waiter): the
-  -- caller must still treat the child as abandoned and cancel it. The
-  -- third value tells that the child had a result already.
+  -- caller must still treat the child as abandoned and cancel it.
   if ok and w.result then return w.result end
   self:unregister(jid, w)
-  return nil, ok and "ECANCELED" or reason, w.result ~= false
+  return nil, ok and "ECANCELED" or reason
 end
 
 -- The id a stream joins the reader at: its last entry, or the beginning
 -- when it is empty or does not exist yet.
 local function stream_tail(conn, key)
-  local r = conn:call("XREVRANGE", key, "+", "-", "COUNT", 1)
+  local r, e = conn:call("XREVRANGE", key, "+", "-", "COUNT", 1)
+  -- A failed read is not an empty stream: reading from the beginning would
+  -- replay its old events (up to the events limit) to the listeners.
+  if r == nil and e then error(e, 0) end
   if type(r) == "table" and type(r[1]) == "table" then return r[1][1] end
   return "0-0"
 end
@@ -491,8 +496,27 @@ function QueueRuntime:_connect()
   wake_ready(self)
 end
 
+-- Loads this module's scripts on a new connection, so that a removal or a
+-- cancel sent right behind an add reaches Redis right behind it: loaded on
+-- first use, a script's SCRIPT LOAD would go first and its call only after
+-- that reply, and meanwhile a worker could take the job.
+local function preload(conn)
+  for _, sc in ipairs({ REMOVE_JOBS, MARK_CANCEL, queue._script("addJob") }) do
+    local sha, err = sc:load(conn)
+    if not sha then return nil, err end
+  end
+  return true
+end
+
 function QueueRuntime:_connectBody()
   local conn, err = redis.connect(self:_connOpts("am2z:runtime"))
+  if conn then
+    local ok, perr = preload(conn)
+    if not ok then
+      conn:close()
+      conn, err = nil, perr
+    end
+  end
   if not conn then
     self._connectError = err
     self._logger:error("QueueRuntime: could not connect to Redis", { error = tostring(err) })
@@ -587,7 +611,10 @@ local function handle_job(rt, job)
   -- finds again by their ids.
   local give_back = not r.success and rt._stopping and errors.is(r.error, errors.CancelledError)
     and not rt._pending[root]
-  if not give_back then rt:_removeChildren(j.children) end
+  -- From here on the job takes no new children (a body still unwinding
+  -- after a timeout may try): _run refuses them.
+  j.done = true
+  if not give_back then rt:_removeChildren(j.children, true) end
   rt._jobs[eid] = nil
   rt:_notifyIdle()
   if r.success then return r end
@@ -596,7 +623,7 @@ local function handle_job(rt, job)
   return nil, { message = (type(e) == "table" and e.message) or tostring(e), am2zResult = r }
 end
 
-local REMOVE_JOBS = redis.script([[
+REMOVE_JOBS = redis.script([[
 -- KEYS: per queue: completed, failed, active, wait, prioritized, delayed
 -- ARGV: per queue, in the same order: key prefix, number of ids, ids...
 -- Almost every child has finished: it leaves its finished set (O(log N)).
@@ -605,6 +632,7 @@ local REMOVE_JOBS = redis.script([[
 -- dangling id in wait would be handed to a worker without its hash.
 local rcall = redis.call
 local a, k = 1, 0
+local left = {}
 while ARGV[a] do
   local P, n = ARGV[a], tonumber(ARGV[a + 1])
   for i = a + 2, a + 1 + n do
@@ -616,19 +644,23 @@ while ARGV[a] do
       rcall("ZREM", KEYS[k + 6], id)
       gone = true
     end
-    if gone then rcall("DEL", P .. id, P .. id .. ":logs") end
+    if gone then rcall("DEL", P .. id, P .. id .. ":logs") else left[#left + 1] = id end
   end
   a, k = a + 2 + n, k + 6
 end
-return 0
+return left
 ]])
 
 -- Children are kept while their parent runs (a re-run parent reads their
 -- results); once it has ended they go, in one round trip for all their
--- queues. Only finished ones: an active one (the parent was cancelled or
--- timed out) ends and is trimmed by itself.
-function QueueRuntime:_removeChildren(children)
+-- queues. One still active (its parent was cancelled or timed out, and so
+-- is it) is left, and with track = true becomes an orphan: removed when
+-- its end shows on the events stream. It is noted as one before the call,
+-- so that an end read meanwhile is not missed, and the rest are un-noted
+-- after it.
+function QueueRuntime:_removeChildren(children, track)
   if #children == 0 or not self._conn then return end
+  local orphans = self._orphans
   local byq, order = {}, {}
   for _, c in ipairs(children) do
     local l = byq[c[1]]
@@ -649,10 +681,21 @@ function QueueRuntime:_removeChildren(children)
       end
       args[#args + 1] = k.P
       args[#args + 1] = #ids
-      for _, id in ipairs(ids) do args[#args + 1] = id end
+      for _, id in ipairs(ids) do
+        args[#args + 1] = id
+        if track then orphans[id] = name end
+      end
     end
   end
-  if #keys > 0 then REMOVE_JOBS:run(self._conn, keys, args) end
+  if #keys == 0 then return end
+  local left = REMOVE_JOBS:run(self._conn, keys, args)
+  if not track then return end
+  local keep = {}
+  -- Redis unreachable: nothing is tracked (the age limit is the backstop).
+  if type(left) == "table" then for _, id in ipairs(left) do keep[id] = true end end
+  for _, c in ipairs(children) do
+    if not keep[c[2]] then orphans[c[2]] = nil end
+  end
 end
 
 -- Removes one child job in the background (see _removeChildren).
@@ -825,7 +868,7 @@ end
 
 -- Marks a queued job cancelled (a worker fails it when it takes it) and
 -- tells every process, one of which may be running it.
-local MARK_CANCEL = redis.script([[
+MARK_CANCEL = redis.script([[
 if redis.call("EXISTS", KEYS[1]) == 1 and not redis.call("HGET", KEYS[1], "finishedOn") then
   redis.call("HSET", KEYS[1], "am2zCancel", "1")
 end
@@ -895,13 +938,17 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
       errors.CancelledError(format("Execution of '%s' was cancelled before it was enqueued", name),
         "cancelled"))
   end
-  local hub = self._hub
-  if hub == nil then
-    -- stop() has closed the events reader already (its deadline passed)
-    return fail_result(name, eid, sid, state, errors.CancelledError(
-      format("Execution of '%s' was not started: the runtime is stopping", name), "stopped"))
+  local refused = self:_refuse(name, eid, sid, state, parent)
+  if refused then return refused end
+  local okq, q = pcall(self._ensureQueue, self, name, def)
+  -- Setting up the queue may have yielded: look again.
+  refused = self:_refuse(name, eid, sid, state, parent)
+  if refused then return refused end
+  if not okq then
+    return fail_result(name, eid, sid, state, errors.is(q, errors.AM2ZError) and q
+      or errors.NetworkError(format("could not set up the queue of '%s': %s", name, tostring(q))))
   end
-  local q = self:_ensureQueue(name, def)
+  local hub = self._hub
   local w = hub:register(eid, name)
   local j = parent and self._jobs[parent]
   if j then
@@ -941,6 +988,13 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
   local result
   if r == nil then
     hub:unregister(eid, w)
+    -- Cut off (aborted, timed out, link lost) with the add on its way: the
+    -- job may exist all the same, and nobody waits for it. A child is in
+    -- its parent's list, removed with the others when the parent ends.
+    if not (self:_givenBack(j) or errors.is(aerr, errors.ValidationError)
+            or errors.is(aerr, redis.RedisError)) then
+      self:_broadcastCancel(name, eid)
+    end
     result = fail_result(name, eid, sid, state, errors.is(aerr, errors.AM2ZError) and aerr
       or errors.NetworkError(format("could not enqueue '%s': %s", name, tostring(aerr))))
   else
@@ -958,25 +1012,14 @@ function QueueRuntime:_run(name, state, sid, depth, eid, parent, procs)
         self._cancelReq[eid] = nil
         self:_broadcastCancel(name, eid)
       end
-      local res, reason, had_result = hub:await(eid, w)
+      local res, reason = hub:await(eid, w)
       if res then
         result = res
       else
-        -- We were aborted (cancelled, timed out): so is the child, whose job
-        -- is removed once it ends (nobody will read its result).
-        if not self:_givenBack(j) then
-          if parent then
-            if had_result then
-              -- It has ended already, perhaps after its parent's job (which
-              -- the executor ends at a timeout before this body unwinds)
-              -- removed the children it had then.
-              self:_removeChildrenLater(name, eid)
-            else
-              self._orphans[eid] = name
-            end
-          end
-          self:_broadcastCancel(name, eid)
-        end
+        -- We were aborted (cancelled, timed out): so is the child. Its job
+        -- is removed with its parent's other children when the parent ends
+        -- (once it has ended itself, if it still runs then).
+        if not self:_givenBack(j) then self:_broadcastCancel(name, eid) end
         result = fail_result(name, eid, sid, state, errors.fromCore(reason or "ECANCELED",
           format("Execution of '%s' was interrupted: its caller was aborted", name)))
       end
@@ -992,6 +1035,31 @@ end
 -- left alone then (j: the parent's job record here).
 function QueueRuntime:_givenBack(j)
   return (self._stopping and j and not self._pending[j.root]) and true or false
+end
+
+-- Why an execution may not be enqueued now (a failed result), or nil.
+function QueueRuntime:_refuse(name, eid, sid, state, parent)
+  local hub = self._hub
+  if hub == nil or hub.closing then
+    -- stop() has closed the events reader already (its deadline passed)
+    return fail_result(name, eid, sid, state, errors.CancelledError(
+      format("Execution of '%s' was not started: the runtime is stopping", name), "stopped"))
+  end
+  local why = core.aborted()
+  if why then
+    -- The caller was cancelled or timed out (its body still unwinding):
+    -- as on LocalRuntime, a call it makes now fails at once.
+    return fail_result(name, eid, sid, state, errors.fromCore(why,
+      format("Execution of '%s' was not started: its caller was aborted", name)))
+  end
+  if parent then
+    local j = self._jobs[parent]
+    if not j or j.done then
+      return fail_result(name, eid, sid, state, errors.CancelledError(
+        format("Execution of '%s' was not started: its caller's job has ended", name), "cancelled"))
+    end
+  end
+  return nil
 end
 
 function QueueRuntime._remoteCall(rt, ctx, name, state, sid, depth, eid)
@@ -1223,6 +1291,13 @@ function QueueRuntime:stop(opts)
     cw._abandon = true
     pcall(cw.close, cw)
   end
+  -- Orphans whose end the closed reader can no longer see: those already
+  -- finished or still queued go now; one still running elsewhere ends
+  -- there, and the age limit removes it.
+  local left = {}
+  for id, pname in pairs(self._orphans) do left[#left + 1] = { pname, id } end
+  self._orphans = {}
+  if #left > 0 then pcall(self._removeChildren, self, left) end
   self._queues = {}
   self._closingAll = self._closingAll - 1
   self._stopping = false

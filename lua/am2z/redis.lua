@@ -210,6 +210,14 @@ local function run_args(keys, args)
   return out, n
 end
 
+--- Loads the script into this connection's server (SCRIPT LOAD), so that
+--- its first run is one call: sha, or nil + error.
+function Script:load(conn)
+  local sha, err = sha1_of(conn, self.src)
+  if sha then self.sha = sha end
+  return sha, err
+end
+
 --- Runs the script: reply, or nil + error.
 function Script:run(conn, keys, args)
   keys, args = keys or {}, args or {}
