@@ -104,9 +104,11 @@ describe("queue administration #redis", function()
       core.wait_host(token)
       w:close()
       table.sort(starts)
-      assert.is_true(starts[4] - starts[1] >= 580, "4 starts within " .. (starts[4] - starts[1]) .. " ms")
+      -- Starts are seen after the fetch's reply, so a late one shortens a
+      -- gap; without the limiter they would be about 1 ms apart.
+      assert.is_true(starts[4] - starts[1] >= 500, "4 starts within " .. (starts[4] - starts[1]) .. " ms")
       for i = 2, 4 do
-        assert.is_true(starts[i] - starts[i - 1] >= 150, "starts " .. i - 1 .. " and " .. i .. " too close")
+        assert.is_true(starts[i] - starts[i - 1] >= 100, "starts " .. i - 1 .. " and " .. i .. " too close")
       end
       q:close()
     end)

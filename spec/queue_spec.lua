@@ -1098,12 +1098,12 @@ describe("am2z.queue #redis", function()
         local job = assert(q:add("long", {}))
         local pttlAtEnd
         local w = worker(name, function(j)
-          am2z.sleep(1000) -- the job's work: 2.5x lockDuration
+          am2z.sleep(2000) -- the job's work: 2.5x lockDuration
           pttlAtEnd = R:call("PTTL", P(name) .. j.id .. ":lock")
           return "ok"
-        end, { lockDuration = 400, stalledInterval = 200 })
+        end, { lockDuration = 800, stalledInterval = 400 })
         local t = track(w)
-        t.waitFinished(job.id, 5000)
+        t.waitFinished(job.id, 8000)
         w:close()
         assert.is_truthy(t.completed[job.id], "completed")
         assert.is_true(pttlAtEnd > 0, "lock still held at the end, PTTL " .. tostring(pttlAtEnd))

@@ -766,7 +766,7 @@ return am2z.chainProcessors{ name = "pipe", processors = { a } }
     -- A trailing debounce (docs/api.md: "after debounceMs without more
     -- events"): a file written in pieces is reloaded once, whole.
     it("writes closer together than debounceMs keep postponing the reload (one reload at the end)", function()
-      local DEBOUNCE, GAP = 150, 40
+      local DEBOUNCE, GAP = 500 * MULT, 40
       local ev = record_reloads(rt)
       local before, max_gap
       run(function()
