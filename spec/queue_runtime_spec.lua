@@ -865,7 +865,7 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
       local rt = am2z.QueueRuntime.new{ redis = { url = URL, logger = silent }, queuePrefix = prefix,
         logger = silent }
       local gate, kid_ran = {}, false
-      local T = 300 * MULT
+      local T = math.min(300 * MULT, 2000)
       rt:register(P("kid"):process(function(s) kid_ran = true return Success(s) end))
       rt:register(P("mom"):withTimeout(T):process(function(s, ctx)
         gate.w = { (core.current()), 0x7201 }
@@ -885,7 +885,7 @@ return { am2z.chainProcessors{ name = "pipe", processors = { hold, stamp } } }
         -- Writes (scripts included) wait until the pause ends, well after
         -- the parent's timeout: the add is in flight when it fires.
         local R = connect()
-        assert(R:call("CLIENT", "PAUSE", T + 700 * MULT, "WRITE"))
+        assert(R:call("CLIENT", "PAUSE", T + math.min(700 * MULT, 2000), "WRITE"))
         core.complete_host(gate.w[1], gate.w[2])
         r = h:wait()
         local child = "bull:" .. prefix .. "_kid:" .. h.executionId .. ".1"
