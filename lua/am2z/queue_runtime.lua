@@ -179,11 +179,11 @@ end
 -- The id a stream joins the reader at: its last entry, or the beginning
 -- when it is empty or does not exist yet.
 local function stream_tail(conn, key)
-  local r, e = conn:call("XREVRANGE", key, "+", "-", "COUNT", 1)
-  -- A failed read is not an empty stream: reading from the beginning would
-  -- replay its old events (up to the events limit) to the listeners.
-  if r == nil and e then error(e, 0) end
+  local r = conn:call("XREVRANGE", key, "+", "-", "COUNT", 1)
   if type(r) == "table" and type(r[1]) == "table" then return r[1][1] end
+  -- Also when the read failed (Redis loading, a dropped link): reading
+  -- from the beginning replays old events to queue:* listeners, but
+  -- failing here would fail start() and leave a worker-only process idle.
   return "0-0"
 end
 
@@ -499,24 +499,21 @@ end
 -- Loads this module's scripts on a new connection, so that a removal or a
 -- cancel sent right behind an add reaches Redis right behind it: loaded on
 -- first use, a script's SCRIPT LOAD would go first and its call only after
--- that reply, and meanwhile a worker could take the job.
-local function preload(conn)
+-- that reply, and meanwhile a worker could take the job. Best effort: a
+-- script not loaded now (Redis still loading its data) loads on first use.
+local function preload(conn, logger)
   for _, sc in ipairs({ REMOVE_JOBS, MARK_CANCEL, queue._script("addJob") }) do
     local sha, err = sc:load(conn)
-    if not sha then return nil, err end
+    if not sha then
+      logger:warn("QueueRuntime: could not load a script ahead of use", { error = tostring(err) })
+      return
+    end
   end
-  return true
 end
 
 function QueueRuntime:_connectBody()
   local conn, err = redis.connect(self:_connOpts("am2z:runtime"))
-  if conn then
-    local ok, perr = preload(conn)
-    if not ok then
-      conn:close()
-      conn, err = nil, perr
-    end
-  end
+  if conn then preload(conn, self._logger) end
   if not conn then
     self._connectError = err
     self._logger:error("QueueRuntime: could not connect to Redis", { error = tostring(err) })
@@ -615,7 +612,8 @@ local function handle_job(rt, job)
   -- after a timeout may try): _run refuses them.
   j.done = true
   if not give_back then rt:_removeChildren(j.children, true) end
-  rt._jobs[eid] = nil
+  -- (the same job may run twice here, after a lost lock: leave the other's)
+  if rt._jobs[eid] == j then rt._jobs[eid] = nil end
   rt:_notifyIdle()
   if r.success then return r end
   if give_back then return queue.RELEASE end
@@ -689,10 +687,11 @@ function QueueRuntime:_removeChildren(children, track)
   end
   if #keys == 0 then return end
   local left = REMOVE_JOBS:run(self._conn, keys, args)
-  if not track then return end
+  -- Failed (Redis unreachable): all stay noted, removed by their end event
+  -- or by stop().
+  if not track or type(left) ~= "table" then return end
   local keep = {}
-  -- Redis unreachable: nothing is tracked (the age limit is the backstop).
-  if type(left) == "table" then for _, id in ipairs(left) do keep[id] = true end end
+  for _, id in ipairs(left) do keep[id] = true end
   for _, c in ipairs(children) do
     if not keep[c[2]] then orphans[c[2]] = nil end
   end
