@@ -624,6 +624,7 @@ end
 REMOVE_JOBS = redis.script([[
 -- KEYS: per queue: completed, failed, active, wait, prioritized, delayed
 -- ARGV: per queue, in the same order: key prefix, number of ids, ids...
+-- Returns the ids it left because they are still active.
 -- Almost every child has finished: it leaves its finished set (O(log N)).
 -- Only one that has not is looked for in the lists (O(N) scans): a child
 -- still queued (its parent ended first) goes from its list too, since a
