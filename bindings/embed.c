@@ -332,6 +332,12 @@ static void set_lua_path(lua_State *L, const char *dir)
     lua_pop(L, 2);
 }
 
+static const luaL_Reg c_fns[] = {
+    { "result", c_result },         { "event", c_event },
+    { "eval_result", c_eval_result }, { "call_take", c_call_take },
+    { "call_abort", c_call_abort }, { "call_release", c_call_release },
+};
+
 int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
 {
     am2z_host_opts_t dflt;
@@ -402,27 +408,19 @@ int am2z_host_new(const am2z_host_opts_t *opts, am2z_host_t **out)
     lua_getglobal(L, "require");
     lua_pushliteral(L, "am2z.embed");
     if (lua_pcall(L, 1, 1, 0) != 0 || !lua_istable(L, -1)) {
-        set_err(h, AM2Z_EINVAL, "am2z_host_new: %s", lua_tostring(L, -1));
+        int rc = set_err(h, AM2Z_EINVAL, "am2z_host_new: %s", lua_tostring(L, -1));
         lua_pop(L, 1);
-        return h->err[0] ? AM2Z_EINVAL : AM2Z_EINVAL;
+        return rc;
     }
     /* the C functions embed.lua calls */
     lua_getfield(L, -1, "_c");
-    lua_pushcfunction(L, c_result);
-    lua_setfield(L, -2, "result");
-    lua_pushcfunction(L, c_event);
-    lua_setfield(L, -2, "event");
-    lua_pushcfunction(L, c_eval_result);
-    lua_setfield(L, -2, "eval_result");
-    lua_pushlightuserdata(L, h);
+    for (size_t i = 0; i < sizeof(c_fns) / sizeof(c_fns[0]); i++) {
+        lua_pushcfunction(L, c_fns[i].func);
+        lua_setfield(L, -2, c_fns[i].name);
+    }
+    lua_pushlightuserdata(L, h);          /* call_new needs its host */
     lua_pushcclosure(L, c_call_new, 1);
     lua_setfield(L, -2, "call_new");
-    lua_pushcfunction(L, c_call_take);
-    lua_setfield(L, -2, "call_take");
-    lua_pushcfunction(L, c_call_abort);
-    lua_setfield(L, -2, "call_abort");
-    lua_pushcfunction(L, c_call_release);
-    lua_setfield(L, -2, "call_release");
     lua_pop(L, 1);
     h->api_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
